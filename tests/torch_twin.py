@@ -1,0 +1,87 @@
+"""A PyTorch twin of tinyvit's ViT, written with torch ops and autograd, keyed like timm.
+
+It is the oracle of the whole-model tests: same state dict in, logits and every
+gradient out. Pre-norm blocks follow timm's ``Block``; post-norm blocks are PyTorch's
+own ``nn.TransformerEncoderLayer`` (the tutorial's), loaded with the same weights.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def torch_params(state_dict: dict, dtype=torch.float64) -> dict:
+    return {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=True) for k, v in state_dict.items()}
+
+
+def torch_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None, attn_p=0.0):
+    """timm's Attention; ``attn_mask`` (bool keep-mask) applies inverted dropout to the probabilities."""
+    B, N, D = x.shape
+    hs = D // heads
+    qkv = F.linear(x, qkv_w, qkv_b).reshape(B, N, 3, heads, hs).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+    att = att.softmax(dim=-1)
+    if attn_mask is not None:
+        att = att * attn_mask / (1.0 - attn_p)
+    y = (att @ v).transpose(1, 2).reshape(B, N, D)
+    return F.linear(y, proj_w, proj_b)
+
+
+def _drop(x, mask, p):
+    return x if mask is None else x * mask / (1.0 - p)
+
+
+def torch_block(x, p, prefix, heads, eps, norm_first, approximate="none", masks=None, dropout=0.0,
+                attn_dropout=0.0, drop_path=0.0):
+    g = lambda k: p.get(prefix + k)  # noqa: E731
+    m = masks or {}
+
+    def attn(a):
+        a = torch_attention(a, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
+                            g("attn.proj.bias"), heads, m.get("attn"), attn_dropout)
+        return _drop(_drop(a, m.get("proj"), dropout), m.get("path1"), drop_path)
+
+    def mlp(h):
+        h = F.gelu(F.linear(h, g("mlp.fc1.weight"), g("mlp.fc1.bias")), approximate=approximate)
+        h = _drop(h, m.get("mlp_hidden"), dropout)
+        h = _drop(F.linear(h, g("mlp.fc2.weight"), g("mlp.fc2.bias")), m.get("mlp_out"), dropout)
+        return _drop(h, m.get("path2"), drop_path)
+
+    ln = lambda t, n: F.layer_norm(t, (t.shape[-1],), g(n + ".weight"), g(n + ".bias"), eps)  # noqa: E731
+    if norm_first:
+        x = x + attn(ln(x, "norm1"))
+        return x + mlp(ln(x, "norm2"))
+    x = ln(x + attn(x), "norm1")
+    return ln(x + mlp(x), "norm2")
+
+
+def torch_vit_forward(x, p, config, masks=None, fixed_pos=None):
+    """``x: (B, C, H, W)`` torch tensor, ``p``: torch params -> (cls_logits, dist_logits | None)."""
+    c = config
+    masks = masks or {}
+    x = F.conv2d(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=c.patch_size)
+    x = x.flatten(2).transpose(1, 2)  # (B, Np, D)
+    B = x.shape[0]
+    prefix = [p["cls_token"].expand(B, -1, -1)]
+    if c.distilled:
+        prefix.append(p["dist_token"].expand(B, -1, -1))
+    x = torch.cat(prefix + [x], dim=1)
+    x = x + (p["pos_embed"] if c.pos_embed == "learned" else fixed_pos)
+    x = _drop(x, masks.get("emb"), c.emb_dropout)
+    for i, dp in enumerate(c.drop_path_rates()):
+        bm = masks.get(f"blocks.{i}")
+        bm = {k: v for k, v in bm._asdict().items() if v is not None} if bm is not None else None
+        x = torch_block(x, p, f"blocks.{i}.", c.heads, c.layer_norm_eps, c.norm_first, c.gelu, bm,
+                        c.dropout, c.attn_dropout, dp)
+    T = c.num_prefix_tokens
+    if c.pool == "cls":
+        x = F.layer_norm(x, (c.dim,), p["norm.weight"], p["norm.bias"], c.layer_norm_eps)
+        cls = F.linear(x[:, 0], p["head.weight"], p["head.bias"])
+        dist = F.linear(x[:, 1], p["head_dist.weight"], p["head_dist.bias"]) if c.distilled else None
+        return cls, dist
+    pooled = F.layer_norm(x[:, T:].mean(dim=1), (c.dim,), p["fc_norm.weight"], p["fc_norm.bias"], c.layer_norm_eps)
+    return F.linear(pooled, p["head.weight"], p["head.bias"]), None

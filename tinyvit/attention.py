@@ -1,0 +1,114 @@
+"""Softmax and multi-head self-attention (timm's layout: one fused ``qkv`` projection).
+
+Shapes: ``B`` batch, ``N`` tokens, ``D`` width, ``NH`` heads, ``hs = D / NH``.
+
+Forward::
+
+    qkv = x @ W_qkv.T + b_qkv                        (B, N, 3D), split as [q | k | v], heads inside each
+    q, k, v                                          (B, NH, N, hs) each
+    scores = q @ k^T / sqrt(hs)                      (B, NH, N, N)
+    att = softmax(scores) over the last axis         (B, NH, N, N)   <- readable after forward
+    y = dropout(att) @ v                             (B, NH, N, hs) -> (B, N, D)
+    out = y @ W_proj.T + b_proj                      (B, N, D)
+
+Softmax backward: ``s = softmax(z)`` has Jacobian ``diag(s) - s s^T``, so per row::
+
+    dz = s * (ds - sum(ds * s))
+
+Attention backward, read bottom-up (``att_d`` is ``att`` after dropout)::
+
+    dy    -> datt_d = dy @ v^T,   dv = att_d^T @ dy
+    datt  = dropout_backward(datt_d)
+    dscores = softmax_backward(datt)
+    dq = dscores @ k / sqrt(hs),  dk = dscores^T @ q / sqrt(hs)
+    [dq | dk | dv] -> dqkv (B, N, 3D) -> the qkv linear's backward
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from .backend import array_module
+from .dropout import DropoutCache, dropout_backward, dropout_forward
+from .linear import LinearCache, linear_backward, linear_forward
+
+
+class SoftmaxCache(NamedTuple):
+    out: object  # (..., N): the probabilities; the Jacobian is a function of them alone
+
+
+def softmax_forward(x):
+    """``x: (..., N) -> out: (..., N)``, rows sum to 1; max-subtracted so exp never overflows."""
+    xp = array_module(x)
+    shifted = x - x.max(axis=-1, keepdims=True)  # (..., N), max 0
+    exp = xp.exp(shifted)
+    out = exp / exp.sum(axis=-1, keepdims=True)
+    return out, SoftmaxCache(out)
+
+
+def softmax_backward(dout, cache: SoftmaxCache):
+    """``dout: (..., N) -> dx: (..., N)``: ``s * (dout - sum(dout * s))`` row by row."""
+    s = cache.out
+    return s * (dout - (dout * s).sum(axis=-1, keepdims=True))
+
+
+class AttentionCache(NamedTuple):
+    qkv: LinearCache
+    q: object  # (B, NH, N, hs)
+    k: object  # (B, NH, N, hs)
+    v: object  # (B, NH, N, hs)
+    att: SoftmaxCache  # att.out: (B, NH, N, N), the attention probabilities
+    att_dropout: DropoutCache
+    att_d: object  # (B, NH, N, N): att after dropout (att itself when no dropout)
+    proj: LinearCache
+    heads: int
+    scale: float
+
+
+def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: float = 0.0,
+                      train: bool = False, rng=None, attn_mask=None):
+    """Multi-head self-attention.
+
+    ``x: (B, N, D), qkv_w: (3D, D), qkv_b: (3D,) | None, proj_w: (D, D), proj_b: (D,)
+    -> out: (B, N, D)``; cache: q, k, v ``(B, NH, N, hs)``, att ``(B, NH, N, N)``, dropout mask.
+    ``attn_mask`` injects the attention-dropout keep-mask ``(B, NH, N, N)``.
+    """
+    batch, tokens, dim = x.shape
+    head_size = dim // heads
+    scale = 1.0 / math.sqrt(head_size)
+    qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)  # (B, N, D) @ (D, 3D) -> (B, N, 3D)
+    qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, N, hs) each
+    scores = (q @ k.swapaxes(-1, -2)) * scale  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
+    att, att_cache = softmax_forward(scores)  # (B, NH, N, N)
+    att_d, drop_cache = dropout_forward(att, attn_drop, train, rng, attn_mask)  # (B, NH, N, N)
+    y = att_d @ v  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)  # (B, N, NH, hs) -> (B, N, D)
+    out, proj_cache = linear_forward(y, proj_w, proj_b)  # (B, N, D) @ (D, D) -> (B, N, D)
+    cache = AttentionCache(qkv_cache, q, k, v, att_cache, drop_cache, att_d, proj_cache, heads, scale)
+    return out, cache
+
+
+def attention_backward(dout, cache: AttentionCache):
+    """``dout: (B, N, D) -> dx: (B, N, D), dqkv_w: (3D, D), dqkv_b: (3D,) | None, dproj_w: (D, D), dproj_b: (D,)``."""
+    xp = array_module(dout)
+    batch, tokens, dim = dout.shape
+    heads, scale = cache.heads, cache.scale
+    head_size = dim // heads
+    # out = y @ W_proj.T + b_proj
+    dy, dproj_w, dproj_b = linear_backward(dout, cache.proj)  # (B, N, D)
+    dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
+    # y = att_d @ v
+    datt_d = dy @ cache.v.swapaxes(-1, -2)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
+    dv = cache.att_d.swapaxes(-1, -2) @ dy  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    # att_d = dropout(att); att = softmax(scores)
+    datt = dropout_backward(datt_d, cache.att_dropout)
+    dscores = softmax_backward(datt, cache.att)  # (B, NH, N, N)
+    # scores = q @ k^T * scale
+    dq = (dscores @ cache.k) * scale  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    dk = (dscores.swapaxes(-1, -2) @ cache.q) * scale  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    # qkv.reshape(B, N, 3, NH, hs).transpose(2, 0, 3, 1, 4) undone
+    dqkv = xp.stack([dq, dk, dv])  # (3, B, NH, N, hs)
+    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * dim)  # (B, N, 3, NH, hs) -> (B, N, 3D)
+    dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)  # (B, N, D)
+    return dx, dqkv_w, dqkv_b, dproj_w, dproj_b

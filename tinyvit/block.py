@@ -1,0 +1,129 @@
+"""One transformer encoder block, pre-norm or post-norm, as a forward/backward pair.
+
+Pre-norm (``norm_first=True``: the ViT paper, timm)::
+
+    h   = x + drop_path(proj_drop(attn(norm1(x))))
+    out = h + drop_path(mlp(norm2(h)))
+
+Post-norm (``norm_first=False``: PyTorch's ``nn.TransformerEncoderLayer`` default,
+which the tutorial uses)::
+
+    h   = norm1(x + drop_path(proj_drop(attn(x))))
+    out = norm2(h + drop_path(mlp(h)))
+
+The backward reads the forward bottom-up; at each residual ``h = x + f(x)`` the
+gradient arrives twice and is added: ``dx = dh (skip) + df/dx^T dh (branch)``.
+
+Parameters come in as a dict with the block's timm keys without the ``blocks.{i}.``
+prefix (``norm1.weight``, ``attn.qkv.weight``, ``mlp.fc1.weight``, ...); the
+gradients go out as a dict with the same keys.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .attention import AttentionCache, attention_backward, attention_forward
+from .dropout import DropoutCache, drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
+from .layernorm import LayerNormCache, layernorm_backward, layernorm_forward
+from .mlp import MlpCache, mlp_backward, mlp_forward
+
+BLOCK_KEYS = (
+    "norm1.weight", "norm1.bias",
+    "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+)
+
+
+class BlockMasks(NamedTuple):
+    """Injected dropout keep-masks (bool), for tests that must see the same draw as PyTorch."""
+
+    attn: object = None  # (B, NH, N, N): attention-probability dropout
+    proj: object = None  # (B, N, D): after the attention's output projection
+    mlp_hidden: object = None  # (B, N, F): after GELU
+    mlp_out: object = None  # (B, N, D): after fc2
+    path1: object = None  # (B, 1, 1): drop path of the attention branch
+    path2: object = None  # (B, 1, 1): drop path of the MLP branch
+
+
+class BlockCache(NamedTuple):
+    norm_first: bool
+    norm1: LayerNormCache
+    attn: AttentionCache
+    proj_drop: DropoutCache
+    path1: DropoutCache
+    norm2: LayerNormCache
+    mlp: MlpCache
+    path2: DropoutCache
+
+
+def block_forward(x, p: dict, heads: int, eps: float, norm_first: bool = True, dropout: float = 0.0,
+                  attn_dropout: float = 0.0, drop_path: float = 0.0, approximate: str = "none",
+                  train: bool = False, rng=None, masks: BlockMasks | None = None):
+    """``x: (B, N, D) -> out: (B, N, D)``; cache: the caches of the two norms, attention, MLP and masks."""
+    m = masks or BlockMasks()
+
+    def attention_branch(a):  # (B, N, D) -> (B, N, D)
+        a, attn_cache = attention_forward(a, p["attn.qkv.weight"], p["attn.qkv.bias"], p["attn.proj.weight"],
+                                          p["attn.proj.bias"], heads, attn_dropout, train, rng, m.attn)
+        a, proj_cache = dropout_forward(a, dropout, train, rng, m.proj)
+        a, path_cache = drop_path_forward(a, drop_path, train, rng, m.path1)
+        return a, attn_cache, proj_cache, path_cache
+
+    def mlp_branch(h):  # (B, N, D) -> (B, N, D)
+        h, mlp_cache = mlp_forward(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"], p["mlp.fc2.weight"], p["mlp.fc2.bias"],
+                                   dropout, train, rng, approximate, (m.mlp_hidden, m.mlp_out))
+        h, path_cache = drop_path_forward(h, drop_path, train, rng, m.path2)
+        return h, mlp_cache, path_cache
+
+    if norm_first:
+        a, norm1_cache = layernorm_forward(x, p["norm1.weight"], p["norm1.bias"], eps)
+        a, attn_cache, proj_cache, path1_cache = attention_branch(a)
+        h = x + a  # residual
+        f, norm2_cache = layernorm_forward(h, p["norm2.weight"], p["norm2.bias"], eps)
+        f, mlp_cache, path2_cache = mlp_branch(f)
+        out = h + f  # residual
+    else:
+        a, attn_cache, proj_cache, path1_cache = attention_branch(x)
+        h, norm1_cache = layernorm_forward(x + a, p["norm1.weight"], p["norm1.bias"], eps)
+        f, mlp_cache, path2_cache = mlp_branch(h)
+        out, norm2_cache = layernorm_forward(h + f, p["norm2.weight"], p["norm2.bias"], eps)
+    cache = BlockCache(norm_first, norm1_cache, attn_cache, proj_cache, path1_cache, norm2_cache, mlp_cache,
+                       path2_cache)
+    return out, cache
+
+
+def block_backward(dout, cache: BlockCache):
+    """``dout: (B, N, D) -> dx: (B, N, D), grads: {key: array}`` with the keys of :data:`BLOCK_KEYS`."""
+    g = {}
+
+    def attention_branch_backward(da):
+        da = drop_path_backward(da, cache.path1)
+        da = dropout_backward(da, cache.proj_drop)
+        da, g["attn.qkv.weight"], g["attn.qkv.bias"], g["attn.proj.weight"], g["attn.proj.bias"] = \
+            attention_backward(da, cache.attn)
+        return da
+
+    def mlp_branch_backward(df):
+        df = drop_path_backward(df, cache.path2)
+        df, g["mlp.fc1.weight"], g["mlp.fc1.bias"], g["mlp.fc2.weight"], g["mlp.fc2.bias"] = \
+            mlp_backward(df, cache.mlp)
+        return df
+
+    if cache.norm_first:
+        # out = h + mlp_branch(norm2(h))
+        df = mlp_branch_backward(dout)
+        df, g["norm2.weight"], g["norm2.bias"] = layernorm_backward(df, cache.norm2)
+        dh = dout + df
+        # h = x + attention_branch(norm1(x))
+        da = attention_branch_backward(dh)
+        da, g["norm1.weight"], g["norm1.bias"] = layernorm_backward(da, cache.norm1)
+        dx = dh + da
+    else:
+        # out = norm2(h + mlp_branch(h))
+        dsum2, g["norm2.weight"], g["norm2.bias"] = layernorm_backward(dout, cache.norm2)
+        dh = dsum2 + mlp_branch_backward(dsum2)
+        # h = norm1(x + attention_branch(x))
+        dsum1, g["norm1.weight"], g["norm1.bias"] = layernorm_backward(dh, cache.norm1)
+        dx = dsum1 + attention_branch_backward(dsum1)
+    return dx, g

@@ -1,0 +1,56 @@
+"""Layer normalisation over the last axis (``D``), with learnable scale and shift.
+
+Forward, per token (``x`` a row of length D)::
+
+    mean = sum(x) / D
+    rstd = 1 / sqrt(sum((x - mean)^2) / D + eps)     # biased variance, as PyTorch
+    x_hat = (x - mean) * rstd
+    out = x_hat * w + b
+
+Backward. With ``dx_hat = dout * w`` and ``x_hat`` depending on every element of the
+row through ``mean`` and ``rstd``, the chain rule collapses to::
+
+    dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))
+    dw = sum over (B, N) of dout * x_hat
+    db = sum over (B, N) of dout
+
+(the first mean term removes the shift through ``mean``; the second, the scale through
+``rstd``, since ``d rstd / d x_j = -rstd^3 (x_j - mean) / D``.)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .backend import array_module
+
+
+class LayerNormCache(NamedTuple):
+    x_hat: object  # (..., D): the normalised input, reused by dw and dx
+    rstd: object  # (..., 1): 1 / std, reused by dx
+    w: object  # (D,): the scale, for dx_hat
+
+
+def layernorm_forward(x, w, b, eps: float):
+    """``x: (..., D), w: (D,), b: (D,) -> out: (..., D)``; cache: x_hat (..., D), rstd (..., 1), w."""
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    centered = x - mean  # (..., D)
+    var = (centered * centered).mean(axis=-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
+    x_hat = centered * rstd  # (..., D)
+    out = x_hat * w + b  # (..., D)
+    return out, LayerNormCache(x_hat, rstd, w)
+
+
+def layernorm_backward(dout, cache: LayerNormCache):
+    """``dout: (..., D) -> dx: (..., D), dw: (D,), db: (D,)``."""
+    x_hat, rstd, w = cache
+    dim = x_hat.shape[-1]
+    dout_2d = dout.reshape(-1, dim)  # (M, D)
+    dw = (dout_2d * x_hat.reshape(-1, dim)).sum(axis=0)  # (D,)
+    db = dout_2d.sum(axis=0)  # (D,)
+    dx_hat = dout * w  # (..., D)
+    mean_dx_hat = dx_hat.mean(axis=-1, keepdims=True)  # (..., 1)
+    mean_dx_hat_x_hat = (dx_hat * x_hat).mean(axis=-1, keepdims=True)  # (..., 1)
+    dx = rstd * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)  # (..., D)
+    return dx, dw, db

@@ -1,0 +1,39 @@
+"""Linear (fully connected) layer: ``out = x @ w.T + b``, weights stored ``(out, in)`` as in PyTorch.
+
+Shapes: ``x: (..., in)``, ``w: (out, in)``, ``b: (out,)`` or ``None`` -> ``out: (..., out)``.
+
+Backward, with ``dout = dL/dout``::
+
+    dx = dout @ w                          (..., out) @ (out, in) -> (..., in)
+    dw = sum over leading axes of dout^T x  (out, M) @ (M, in) -> (out, in),  M = prod(...)
+    db = sum over leading axes of dout      (out,)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class LinearCache(NamedTuple):
+    x: object  # (..., in): the input, needed for dw
+    w: object  # (out, in): the weight, needed for dx
+    has_bias: bool
+
+
+def linear_forward(x, w, b=None):
+    """``x: (..., in), w: (out, in), b: (out,) | None -> out: (..., out); cache: x, w``."""
+    out = x @ w.T  # (..., in) @ (in, out) -> (..., out)
+    if b is not None:
+        out += b
+    return out, LinearCache(x, w, b is not None)
+
+
+def linear_backward(dout, cache: LinearCache):
+    """``dout: (..., out) -> dx: (..., in), dw: (out, in), db: (out,) | None``."""
+    x, w, has_bias = cache
+    d_out, d_in = w.shape
+    dout_2d = dout.reshape(-1, d_out)  # (M, out)
+    x_2d = x.reshape(-1, d_in)  # (M, in)
+    dx = dout @ w  # (..., out) @ (out, in) -> (..., in)
+    dw = dout_2d.T @ x_2d  # (out, M) @ (M, in) -> (out, in)
+    db = dout_2d.sum(axis=0) if has_bias else None  # (out,)
+    return dx, dw, db

@@ -1,0 +1,526 @@
+"""The Vision Transformer: a flat script over the layers, forward top to bottom and
+backward bottom to top.
+
+Shape letters (used in every docstring): ``B`` batch, ``C`` channels, ``H, W`` image,
+``P`` patch, ``Np = (H/P)(W/P)`` patches, ``T`` prefix tokens (class token, plus the
+distillation token in DeiT), ``N = T + Np`` tokens, ``D`` width, ``NH`` heads,
+``hs = D / NH``, ``F`` MLP hidden width, ``K`` classes.
+
+Data flow::
+
+    x (B, C, H, W) -> patch_embed -> (B, Np, D) -> [cls, (dist)] + pos_embed -> (B, N, D)
+      -> dropout -> blocks x depth -> (B, N, D)
+      -> pool="cls":  norm (every token) -> token 0 -> head -> logits (B, K)
+         pool="mean": mean of patch tokens -> fc_norm -> head -> logits (B, K)
+
+Parameters and gradients are plain dicts keyed as timm's ``VisionTransformer``
+``state_dict`` (``blocks.{i}.attn.qkv.weight`` ...), so checkpoints map over by name
+and comparing with PyTorch is a loop over keys.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import Backend, array_module, check_dtype_name, get_backend, is_backend_array, to_host
+from .block import BLOCK_KEYS, BlockMasks, block_backward, block_forward
+from .dropout import dropout_backward, dropout_forward
+from .gelu import APPROXIMATIONS
+from .head import mean_pool_forward, pool_backward, token_pool_forward
+from .layernorm import layernorm_backward, layernorm_forward
+from .linear import linear_backward, linear_forward
+from .patch_embed import patch_embed_backward, patch_embed_forward
+from .tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
+                     prepend_tokens_forward)
+
+POOLS = ("cls", "mean")
+POS_EMBEDS = ("learned", "sincos1d", "sincos2d")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be a float in [0, 1), got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _nearest_multiple(size: int, patch: int) -> int:
+    return max(patch, int(round(size / patch)) * patch)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that fixes the architecture. Validated on construction."""
+
+    image_size: tuple  # (H, W); an int means a square image
+    patch_size: int  # P: side of a square patch; H and W must be multiples of it
+    num_classes: int  # K: outputs of the head
+    dim: int  # D: token width
+    depth: int  # number of encoder blocks
+    heads: int  # NH: attention heads; must divide dim
+    mlp_dim: int  # F: hidden width of each block's MLP
+    channels: int = 3  # C: image channels
+    dropout: float = 0.0  # after the attention projection, inside the MLP (twice)
+    emb_dropout: float = 0.0  # on the tokens after the position embedding
+    attn_dropout: float = 0.0  # on the attention probabilities
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 to this over the blocks
+    norm_first: bool = True  # pre-norm (ViT paper, timm) or post-norm (nn.TransformerEncoderLayer)
+    pool: str = "cls"  # "cls": class token + norm; "mean": mean of patch tokens + fc_norm
+    layer_norm_eps: float = 1e-6  # timm uses 1e-6; PyTorch's LayerNorm default is 1e-5
+    gelu: str = "none"  # "none": exact erf GELU; "tanh": the tanh approximation
+    pos_embed: str = "learned"  # "learned", or fixed "sincos1d" / "sincos2d" tables
+    distilled: bool = False  # DeiT: a distillation token and a second head (head_dist)
+    qkv_bias: bool = True  # bias on the fused qkv projection
+
+    def __post_init__(self):
+        size = self.image_size
+        if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+            size = (size, size)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2):
+            raise TypeError(f"image_size must be an int or (height, width), got {self.image_size!r}")
+        size = (_check_int("image_size[0]", size[0]), _check_int("image_size[1]", size[1]))
+        object.__setattr__(self, "image_size", size)
+        patch = _check_int("patch_size", self.patch_size)
+        for label, value in zip(("height", "width"), size):
+            if value % patch:
+                raise ValueError(f"image {label} {value} is not divisible by patch_size {patch}; "
+                                 f"the nearest valid {label} is {_nearest_multiple(value, patch)}")
+        for name in ("num_classes", "dim", "depth", "heads", "mlp_dim", "channels"):
+            _check_int(name, getattr(self, name))
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}); "
+                             f"valid head counts for dim {self.dim}: "
+                             f"{[h for h in range(1, min(self.dim, 64) + 1) if self.dim % h == 0]}")
+        for name in ("dropout", "emb_dropout", "attn_dropout", "drop_path_rate"):
+            _check_rate(name, getattr(self, name))
+        for name in ("norm_first", "distilled", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_choice("pool", self.pool, POOLS)
+        _check_choice("gelu", self.gelu, APPROXIMATIONS)
+        _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"layer_norm_eps must be a finite float > 0, got {eps!r}")
+        if self.distilled and self.pool != "cls":
+            raise ValueError("distilled=True needs pool='cls' (the distillation head reads its own token)")
+        if self.pos_embed == "sincos1d" and self.dim % 2:
+            raise ValueError(f"pos_embed='sincos1d' needs an even dim, got {self.dim}")
+        if self.pos_embed == "sincos2d" and self.dim % 4:
+            raise ValueError(f"pos_embed='sincos2d' needs dim divisible by 4, got {self.dim}")
+
+    @property
+    def grid(self) -> tuple:
+        """(H/P, W/P): the patch grid."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def final_norm(self) -> str:
+        """The state-dict name of the final LayerNorm: ``norm`` (cls pool) or ``fc_norm`` (mean pool)."""
+        return "norm" if self.pool == "cls" else "fc_norm"
+
+    def drop_path_rates(self) -> list:
+        """Per-block stochastic-depth rates, linear from 0 to ``drop_path_rate`` (timm's rule)."""
+        if self.depth == 1:
+            return [0.0]
+        return [self.drop_path_rate * i / (self.depth - 1) for i in range(self.depth)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+
+def param_shapes(config: ViTConfig) -> dict:
+    """``{key: shape}`` in timm's state-dict order."""
+    c = config
+    shapes = {"cls_token": (1, 1, c.dim)}
+    if c.distilled:
+        shapes["dist_token"] = (1, 1, c.dim)
+    if c.pos_embed == "learned":
+        shapes["pos_embed"] = (1, c.num_tokens, c.dim)
+    shapes["patch_embed.proj.weight"] = (c.dim, c.channels, c.patch_size, c.patch_size)
+    shapes["patch_embed.proj.bias"] = (c.dim,)
+    block_shapes = {
+        "norm1.weight": (c.dim,), "norm1.bias": (c.dim,),
+        "attn.qkv.weight": (3 * c.dim, c.dim), "attn.qkv.bias": (3 * c.dim,),
+        "attn.proj.weight": (c.dim, c.dim), "attn.proj.bias": (c.dim,),
+        "norm2.weight": (c.dim,), "norm2.bias": (c.dim,),
+        "mlp.fc1.weight": (c.mlp_dim, c.dim), "mlp.fc1.bias": (c.mlp_dim,),
+        "mlp.fc2.weight": (c.dim, c.mlp_dim), "mlp.fc2.bias": (c.dim,),
+    }
+    for i in range(c.depth):
+        for key in BLOCK_KEYS:
+            if key == "attn.qkv.bias" and not c.qkv_bias:
+                continue
+            shapes[f"blocks.{i}.{key}"] = block_shapes[key]
+    shapes[f"{c.final_norm}.weight"] = (c.dim,)
+    shapes[f"{c.final_norm}.bias"] = (c.dim,)
+    shapes["head.weight"] = (c.num_classes, c.dim)
+    shapes["head.bias"] = (c.num_classes,)
+    if c.distilled:
+        shapes["head_dist.weight"] = (c.num_classes, c.dim)
+        shapes["head_dist.bias"] = (c.num_classes,)
+    return shapes
+
+
+def init_params(config: ViTConfig, seed) -> dict:
+    """Host float64 initial weights, as timm initialises a ViT.
+
+    Linear weights and the position embedding: truncated normal, std 0.02, cut at +-2 std;
+    biases 0; LayerNorm weight 1, bias 0; class/distillation tokens: normal, std 1e-6;
+    the patch projection keeps PyTorch's Conv2d default, uniform in +-1/sqrt(C*P*P).
+    """
+    rng = np.random.default_rng(seed)
+
+    def trunc_normal(shape, std=0.02):
+        out = rng.standard_normal(shape)
+        bad = np.abs(out) > 2.0
+        while bad.any():
+            out[bad] = rng.standard_normal(int(bad.sum()))
+            bad = np.abs(out) > 2.0
+        return out * std
+
+    params = {}
+    for key, shape in param_shapes(config).items():
+        if key in ("cls_token", "dist_token"):
+            params[key] = rng.standard_normal(shape) * 1e-6
+        elif key == "pos_embed":
+            params[key] = trunc_normal(shape)
+        elif key.startswith("patch_embed.proj."):
+            bound = 1.0 / math.sqrt(config.channels * config.patch_size ** 2)
+            params[key] = rng.uniform(-bound, bound, shape)
+        elif "norm" in key.split(".")[-2] and key.endswith(".weight"):
+            params[key] = np.ones(shape)
+        elif key.endswith(".bias"):
+            params[key] = np.zeros(shape)
+        else:
+            params[key] = trunc_normal(shape)
+    return params
+
+
+class ForwardCache(NamedTuple):
+    """Everything the last forward kept for the backward, in data-flow order."""
+
+    batch: int
+    patch_embed: object
+    prefix: object
+    emb_dropout: object
+    blocks: list
+    final_norm: object  # LayerNormCache of norm (cls) or fc_norm (mean)
+    pools: tuple  # PoolCache per head: (cls,) or (cls, dist)
+    heads: tuple  # LinearCache per head
+
+
+class VisionTransformer:
+    """A ViT with hand-written forward and backward passes on NumPy or CuPy.
+
+    ``VisionTransformer(image_size=32, patch_size=4, num_classes=10, dim=64, depth=2,
+    heads=4, mlp_dim=128)``; any :class:`ViTConfig` field is a keyword, plus
+    ``backend`` (``"numpy"``/``"cupy"``, default ``$TINYVIT_BACKEND`` or numpy),
+    ``dtype`` (``"float32"`` default, or ``"float64"``) and ``seed`` (initial weights
+    and the dropout generator).
+
+    Attributes: ``config``, ``backend``, ``dtype``, ``params`` and ``grads`` (dicts with
+    timm's state-dict keys, arrays on the backend), ``rng`` (the dropout generator).
+
+    dtype policy: the model computes in its own dtype end to end; images of another
+    float dtype are an error (cast them explicitly), never silently converted.
+    """
+
+    def __init__(self, image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12,
+                 mlp_dim=3072, channels=3, dropout=0.0, emb_dropout=0.0, norm_first=True, pool="cls",
+                 layer_norm_eps=1e-6, backend=None, dtype="float32", seed=0, *, attn_dropout=0.0,
+                 drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True):
+        self.config = ViTConfig(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels,
+                                dropout, emb_dropout, attn_dropout, drop_path_rate, norm_first, pool,
+                                layer_norm_eps, gelu, pos_embed, distilled, qkv_bias)
+        self.backend: Backend = get_backend(backend)
+        self.dtype = check_dtype_name(dtype)
+        _check_int("seed", seed, minimum=0)
+        self.params = {k: self.backend.asarray(v, dtype=self.dtype) for k, v in init_params(self.config, seed).items()}
+        self.grads: dict = {}
+        self.rng = self.backend.rng(seed)
+        c = self.config
+        self._fixed_pos = None
+        if c.pos_embed != "learned":
+            table = fixed_pos_embed(c.pos_embed, *c.grid, c.dim, c.num_prefix_tokens)
+            self._fixed_pos = self.backend.asarray(table, dtype=self.dtype)  # (1, N, D), no gradient
+        self._cache: ForwardCache | None = None
+
+    @classmethod
+    def from_config(cls, config: ViTConfig | dict, backend=None, dtype="float32", seed=0):
+        """Build from a :class:`ViTConfig` or its ``to_dict()``."""
+        d = config.to_dict() if isinstance(config, ViTConfig) else dict(config)
+        return cls(**d, backend=backend, dtype=dtype, seed=seed)
+
+    # ---------------------------------------------------------------- checks at the edge
+    def check_images(self, x) -> None:
+        """Raise a ``TypeError``/``ValueError`` that names what was expected if ``x`` is not
+        a ``(B, C, H, W)`` array of this model's backend, dtype, channels and size."""
+        c, name = self.config, self.backend.name
+        if not is_backend_array(x):
+            raise TypeError(f"images must be a {name} array of shape (B, {c.channels}, {c.image_size[0]}, "
+                            f"{c.image_size[1]}) and dtype {self.dtype}, got {type(x).__name__}")
+        if not self.backend.owns(x):
+            how = "cupy.asarray(x)" if name == "cupy" else "x.get() (or cupy.asnumpy(x))"
+            raise TypeError(f"images are a {array_module(x).__name__} array but the model runs on {name}; "
+                            f"move them with {how}")
+        kind = np.dtype(x.dtype).kind
+        if kind in "iub":
+            raise TypeError(f"images must be floating point ({self.dtype}), got {x.dtype}; convert and scale, "
+                            f"e.g. x.astype('{self.dtype}') / 255")
+        if kind != "f":
+            raise TypeError(f"images must be real floating point ({self.dtype}), got {x.dtype}")
+        if x.dtype != np.dtype(self.dtype):
+            raise TypeError(f"images are {x.dtype} but the model computes in {self.dtype}; cast them with "
+                            f"x.astype('{self.dtype}') or build the model with dtype='{x.dtype}'")
+        expect = f"(B, {c.channels}, {c.image_size[0]}, {c.image_size[1]})"
+        if x.ndim == 3:
+            raise ValueError(f"images must be 4-D {expect}, got 3-D {tuple(x.shape)}; "
+                             f"for a single image add the batch axis: x[None]")
+        if x.ndim != 4:
+            raise ValueError(f"images must be 4-D {expect}, got {x.ndim}-D {tuple(x.shape)}")
+        _, channels, height, width = x.shape
+        if channels != c.channels:
+            if x.shape[3] == c.channels:
+                raise ValueError(f"images look channels-last {tuple(x.shape)}; the model expects channels-first "
+                                 f"{expect}: use x.transpose(0, 3, 1, 2)")
+            raise ValueError(f"images have {channels} channels but the model expects {c.channels}")
+        patch = c.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"image is {height}x{width}, not divisible by the patch size {patch}; the nearest "
+                             f"valid size is {_nearest_multiple(height, patch)}x{_nearest_multiple(width, patch)}")
+        if (height, width) != c.image_size:
+            raise ValueError(f"image is {height}x{width} but the model expects {c.image_size[0]}x{c.image_size[1]}; "
+                             f"resize the image, or build a model with image_size=({height}, {width}) and "
+                             f"resample the position embeddings to the new patch grid (bicubic)")
+
+    def _check_finite(self, x, what: str) -> None:
+        xp = array_module(x)
+        bad = to_host(~xp.isfinite(x))  # explicit copy, only when the check is asked for
+        if bad.any():
+            where = np.argwhere(bad)[:5].tolist()
+            raise ValueError(f"{what} holds {int(bad.sum())} non-finite values (NaN/Inf), first at {where}")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x, train: bool = False, rng=None, masks: dict | None = None, check_finite: bool = False):
+        """``x: (B, C, H, W) -> logits: (B, K)``.
+
+        ``train`` switches dropout and drop path on. ``rng`` overrides the model's dropout
+        generator; ``masks`` injects keep-masks by site (``"emb"``, ``"blocks.{i}"`` ->
+        :class:`BlockMasks`) so tests can share a draw with PyTorch. NaN/Inf in ``x``
+        propagate unless ``check_finite=True``, which raises with their count and place.
+        A distilled model returns the mean of its two heads (DeiT's inference rule);
+        :meth:`forward_distill` returns both. The caches are kept for :meth:`backward`
+        (and :meth:`attention_maps`).
+        """
+        cls_logits, dist_logits = self._forward(x, train, rng, masks, check_finite)
+        if dist_logits is None:
+            return cls_logits
+        return (cls_logits + dist_logits) * 0.5
+
+    def forward_distill(self, x, train: bool = True, rng=None, masks: dict | None = None):
+        """DeiT: ``x -> (cls_logits (B, K), dist_logits (B, K))``; needs ``distilled=True``."""
+        if not self.config.distilled:
+            raise ValueError("forward_distill needs a model built with distilled=True")
+        return self._forward(x, train, rng, masks, False)
+
+    def _forward(self, x, train, rng, masks, check_finite):
+        self.check_images(x)
+        if check_finite:
+            self._check_finite(x, "images")
+        c, p = self.config, self.params
+        rng = self.rng if rng is None else rng
+        masks = masks or {}
+        batch = x.shape[0]
+
+        x, patch_cache = patch_embed_forward(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"])  # (B, Np, D)
+        prefix = [p["cls_token"]] + ([p["dist_token"]] if c.distilled else [])
+        x, prefix_cache = prepend_tokens_forward(x, *prefix)  # (B, N, D)
+        x, _ = add_pos_embed_forward(x, p["pos_embed"] if c.pos_embed == "learned" else self._fixed_pos)
+        x, emb_cache = dropout_forward(x, c.emb_dropout, train, rng, masks.get("emb"))
+
+        block_caches = []
+        for i, drop_path in enumerate(c.drop_path_rates()):
+            x, block_cache = block_forward(
+                x, self._block_params(i), c.heads, c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
+                drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"))  # (B, N, D)
+            block_caches.append(block_cache)
+
+        norm_w, norm_b = p[f"{c.final_norm}.weight"], p[f"{c.final_norm}.bias"]
+        if c.pool == "cls":
+            x, norm_cache = layernorm_forward(x, norm_w, norm_b, c.layer_norm_eps)  # (B, N, D)
+            pooled = [token_pool_forward(x, i) for i in range(c.num_prefix_tokens)]  # (B, D) each
+        else:
+            pooled, pool_cache = mean_pool_forward(x, c.num_prefix_tokens)  # (B, D)
+            pooled, norm_cache = layernorm_forward(pooled, norm_w, norm_b, c.layer_norm_eps)
+            pooled = [(pooled, pool_cache)]
+        head_names = ("head", "head_dist")[: len(pooled)]
+        logits = [linear_forward(v, p[f"{h}.weight"], p[f"{h}.bias"]) for (v, _), h in zip(pooled, head_names)]
+
+        self._cache = ForwardCache(batch, patch_cache, prefix_cache, emb_cache, block_caches, norm_cache,
+                                   tuple(pc for _, pc in pooled), tuple(lc for _, lc in logits))
+        cls_logits = logits[0][0]  # (B, K)
+        dist_logits = logits[1][0] if len(logits) > 1 else None
+        return cls_logits, dist_logits
+
+    def _block_params(self, i: int) -> dict:
+        prefix = f"blocks.{i}."
+        return {key: self.params.get(prefix + key) for key in BLOCK_KEYS}
+
+    # ---------------------------------------------------------------- backward
+    def backward(self, dlogits):
+        """``dlogits: (B, K) = dL/dlogits -> dx: (B, C, H, W) = dL/dx``.
+
+        Reads the caches of the last forward. ``self.grads`` is **overwritten** (not
+        accumulated) with ``dL/dparam`` for every key of ``self.params``. For a distilled
+        model ``dlogits`` is the gradient of the averaged logits that :meth:`forward` returned.
+        """
+        self._check_upstream(dlogits, "dlogits")
+        if self.config.distilled:
+            half = dlogits * 0.5
+            return self._backward(half, half)
+        return self._backward(dlogits, None)
+
+    def backward_distill(self, dcls_logits, ddist_logits):
+        """The backward of :meth:`forward_distill`: one ``(B, K)`` gradient per head."""
+        if not self.config.distilled:
+            raise ValueError("backward_distill needs a model built with distilled=True")
+        self._check_upstream(dcls_logits, "dcls_logits")
+        self._check_upstream(ddist_logits, "ddist_logits")
+        return self._backward(dcls_logits, ddist_logits)
+
+    def _check_upstream(self, d, name):
+        if self._cache is None:
+            raise RuntimeError("backward called before forward: run forward(x) first")
+        expect = (self._cache.batch, self.config.num_classes)
+        if not self.backend.owns(d):
+            raise TypeError(f"{name} must be a {self.backend.name} array of shape {expect}, got {type(d).__name__}")
+        if tuple(d.shape) != expect:
+            raise ValueError(f"{name} must have shape {expect} (the last forward's logits), got {tuple(d.shape)}")
+        if d.dtype != np.dtype(self.dtype):
+            raise TypeError(f"{name} must be {self.dtype} like the model, got {d.dtype}")
+
+    def _backward(self, dcls_logits, ddist_logits):
+        c, p, cache = self.config, self.params, self._cache
+        g = {}
+        dpooled = []
+        for h, dlog, lin_cache in zip(("head", "head_dist"), (dcls_logits, ddist_logits), cache.heads):
+            dv, g[f"{h}.weight"], g[f"{h}.bias"] = linear_backward(dlog, lin_cache)  # (B, D)
+            dpooled.append(dv)
+        norm = c.final_norm
+        if c.pool == "cls":
+            dx = pool_backward(dpooled[0], cache.pools[0])  # (B, N, D)
+            for dv, pool_cache in zip(dpooled[1:], cache.pools[1:]):
+                dx = dx + pool_backward(dv, pool_cache)
+            dx, g[f"{norm}.weight"], g[f"{norm}.bias"] = layernorm_backward(dx, cache.final_norm)
+        else:
+            dv, g[f"{norm}.weight"], g[f"{norm}.bias"] = layernorm_backward(dpooled[0], cache.final_norm)  # (B, D)
+            dx = pool_backward(dv, cache.pools[0])  # (B, N, D)
+
+        for i in reversed(range(c.depth)):
+            dx, block_grads = block_backward(dx, cache.blocks[i])  # (B, N, D)
+            for key, value in block_grads.items():
+                if value is not None:
+                    g[f"blocks.{i}.{key}"] = value
+
+        dx = dropout_backward(dx, cache.emb_dropout)
+        dx, dpos = add_pos_embed_backward(dx)  # (B, N, D), (1, N, D)
+        if c.pos_embed == "learned":
+            g["pos_embed"] = dpos
+        dx, *dprefix = prepend_tokens_backward(dx, cache.prefix)  # (B, Np, D), (1, 1, D) each
+        g["cls_token"] = dprefix[0]
+        if c.distilled:
+            g["dist_token"] = dprefix[1]
+        dx, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = patch_embed_backward(dx, cache.patch_embed)
+        self.grads = {k: g[k] for k in p}  # same keys and order as params
+        return dx  # (B, C, H, W)
+
+    # ---------------------------------------------------------------- introspection
+    def attention_maps(self) -> list:
+        """The attention probabilities of the last forward, one ``(B, NH, N, N)`` array per block."""
+        if self._cache is None:
+            raise RuntimeError("attention_maps needs a forward first")
+        return [bc.attn.att.out for bc in self._cache.blocks]
+
+    def num_params(self) -> int:
+        return int(sum(int(np.prod(v.shape)) for v in self.params.values()))
+
+    # ---------------------------------------------------------------- state dicts
+    def state_dict(self) -> dict:
+        """``{key: NumPy array}``: host copies of the parameters in timm's layout and order."""
+        return {k: np.array(to_host(v)) for k, v in self.params.items()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load ``{key: array}`` (NumPy, or anything ``numpy.asarray`` takes on the host).
+
+        All or nothing: missing keys, unexpected keys, wrong shapes, non-numeric or
+        non-finite values are collected into one ``ValueError`` and nothing is loaded.
+        Values are cast to the model's dtype (an explicit, documented cast).
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict of arrays, got {type(state_dict).__name__}")
+        expected = {k: tuple(v.shape) for k, v in self.params.items()}
+        problems, host = [], {}
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing:
+            problems.append(f"missing keys: {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        for key, shape in expected.items():
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            try:
+                value = to_host(value) if is_backend_array(value) else np.asarray(value)
+            except Exception as exc:  # e.g. a torch tensor on a GPU
+                problems.append(f"{key}: cannot read as an array ({exc})")
+                continue
+            if value.dtype.kind not in "fiu":
+                problems.append(f"{key}: dtype {value.dtype} is not numeric")
+                continue
+            if tuple(value.shape) != shape:
+                problems.append(f"{key}: shape {tuple(value.shape)}, expected {shape}")
+                continue
+            if not np.all(np.isfinite(value)):
+                problems.append(f"{key}: holds non-finite values")
+                continue
+            host[key] = value
+        if problems:
+            raise ValueError("state dict does not fit this model; nothing was loaded:\n  " + "\n  ".join(problems))
+        for key, value in host.items():
+            self.params[key] = self.backend.asarray(np.ascontiguousarray(value), dtype=self.dtype)
+        self.grads = {}
+        self._cache = None
