@@ -1,8 +1,9 @@
 """A CPU stand-in for a GPU array that refuses every implicit trip to the host.
 
 CuPy refuses ``numpy.asarray(cupy_array)``; this ``StrictArray`` goes further and also
-refuses ``float()``, ``int()``, ``bool()``, ``len()``-free iteration and every NumPy
-function or ufunc called on it. The engine must reach all its arithmetic through the
+refuses ``float()``, ``int()``, ``bool()``, iteration and every NumPy function or ufunc
+called on it; and it refuses arithmetic that silently widens its float dtype (a float32
+array times a NumPy float64 scalar is float64 in NumPy 2). The engine must reach all its arithmetic through the
 array module it gets from ``tinyvit.backend.array_module(x)`` (here: :data:`strict_xp`),
 so a stray ``np.`` call or ``float()`` on a backend array fails a test on a machine
 without a GPU instead of on a user's GPU.
@@ -113,7 +114,13 @@ def _binary(name):
         if isinstance(other, np.ndarray):
             raise HostTransferError(f"mixing a StrictArray with a numpy.ndarray in '{name}'")
         result = getattr(self._a, name)(_unwrap(other))
-        return NotImplemented if result is NotImplemented else _wrap(result)
+        if result is NotImplemented:
+            return NotImplemented
+        mine = self._a.dtype
+        if mine.kind == "f" and result.dtype.kind == "f" and result.dtype.itemsize > mine.itemsize:
+            raise TypeError(f"silent upcast: {mine} {name} {type(other).__name__} gave {result.dtype} "
+                            f"(NumPy 2 promotes float32 with numpy float64 scalars; use Python floats)")
+        return _wrap(result)
     return op
 
 

@@ -1,0 +1,45 @@
+"""Shared fixtures: the suite runs over every backend; CuPy runs skip with the reason where it cannot run."""
+import numpy as np
+import pytest
+
+from tinyvit.backend import Backend, cupy_available, get_backend
+from tests.strict_array import strict_xp
+
+
+def _backend(name):
+    if name == "cupy":
+        ok, why = cupy_available()
+        if not ok:
+            pytest.skip(f"CuPy backend unavailable here: {why}")
+    if name == "strict":
+        return Backend("strict", strict_xp)
+    return get_backend(name)
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request):
+    """Each real backend in turn."""
+    return _backend(request.param)
+
+
+@pytest.fixture(params=["numpy", "cupy", "strict"])
+def any_backend(request):
+    """The real backends plus the strict host-refusing stand-in for a GPU."""
+    return _backend(request.param)
+
+
+def model_on(backend, **kwargs):
+    """A VisionTransformer on ``backend``: the strict backend is not a user-facing name, so the
+    model is built on NumPy and its arrays moved over (as a user would move to the GPU)."""
+    from tinyvit import VisionTransformer
+
+    if backend.name != "strict":
+        return VisionTransformer(backend=backend.name, **kwargs)
+    m = VisionTransformer(backend="numpy", **kwargs)
+    state = m.state_dict()
+    m.backend = backend
+    m.params = {k: backend.asarray(v) for k, v in state.items()}
+    if m._fixed_pos is not None:
+        m._fixed_pos = backend.asarray(np.asarray(m._fixed_pos))
+    m.rng = backend.rng(kwargs.get("seed", 0))
+    return m
