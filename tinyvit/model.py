@@ -293,9 +293,10 @@ class VisionTransformer:
             raise TypeError(f"images must be a {name} array of shape (B, {c.channels}, {c.image_size[0]}, "
                             f"{c.image_size[1]}) and dtype {self.dtype}, got {type(x).__name__}")
         if not self.backend.owns(x):
-            how = "cupy.asarray(x)" if name == "cupy" else "x.get() (or cupy.asnumpy(x))"
+            how = ("to the host with tinyvit.to_host(x) (for CuPy: x.get())" if name == "numpy"
+                   else "to the device with model.backend.asarray(x) (for CuPy: cupy.asarray(x))")
             raise TypeError(f"images are a {array_module(x).__name__} array but the model runs on {name}; "
-                            f"move them with {how}")
+                            f"move them {how}")
         kind = np.dtype(x.dtype).kind
         if kind in "iub":
             raise TypeError(f"images must be floating point ({self.dtype}), got {x.dtype}; convert and scale, "
