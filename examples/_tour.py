@@ -1,0 +1,96 @@
+"""What every chapter of the tour shares: its command line, the bundled pictures, saving figures.
+
+Each chapter is run as ``python3 examples/NN_name.py [--out DIR] [--quick]``:
+
+- ``--out DIR``: where its pictures go (default ``docs/images``, where the README links them);
+- ``--quick``: fewer steps and smaller sizes, for the tests (the printed shapes stay the same).
+
+The pictures are ``examples/data/*.png`` (two CC BY 2.0 photos, see ``examples/data/README.md``)
+and the digits bundled with tinyvit (``tinyvit/data/digits.csv.gz``: 1797 images of 8x8 pixels).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_OUT = os.path.join(ROOT, "docs", "images")
+
+try:  # run from a checkout without `pip install -e .`: use the tinyvit next to this folder
+    import tinyvit  # noqa: F401
+except ImportError:
+    sys.path.insert(0, ROOT)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # files only, never a window
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the pictures (default: docs/images)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, for the tests")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    return args
+
+
+def banner(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 74 - len(title)))
+
+
+def photo(name: str = "china") -> np.ndarray:
+    """A bundled 224x224 photo as float32 ``(H, W, 3)`` in ``[0, 1]``."""
+    import matplotlib.image
+
+    path = os.path.join(HERE, "data", f"{name}_224.png")
+    image = matplotlib.image.imread(path)  # PNG -> float32 in [0, 1]
+    return np.ascontiguousarray(image[..., :3], dtype=np.float32)  # (224, 224, 3)
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits: images float32 ``(1797, 1, 8, 8)`` in ``[0, 1]``, labels int64 ``(1797,)``."""
+    import tinyvit
+
+    path = os.path.join(os.path.dirname(tinyvit.__file__), "data", "digits.csv.gz")
+    if os.path.exists(path):
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")  # (1797, 65): 64 pixels in 0..16, then the label
+        pixels, labels = table[:, :64], table[:, 64]
+    else:  # an older tinyvit without the bundled file: scikit-learn ships the same table
+        from sklearn.datasets import load_digits
+
+        pixels, labels = load_digits(return_X_y=True)
+    images = (pixels / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
+    return images, labels.astype(np.int64)
+
+
+def split(images, labels, test_fraction: float = 0.25, seed: int = 0):
+    """A fixed shuffled train/test split: ``(x_train, y_train, x_test, y_test)``."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    cut = int(len(labels) * (1.0 - test_fraction))
+    train, test = order[:cut], order[cut:]
+    return images[train], labels[train], images[test], labels[test]
+
+
+def save(fig, args, name: str) -> str:
+    """Write ``fig`` to ``args.out/name`` (PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(args.out, name)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {os.path.relpath(path)}")
+    return path
+
+
+def max_err(a, b) -> tuple[float, float]:
+    """(max abs error, max abs error relative to max |b|) between two arrays."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    abs_err = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return abs_err, abs_err / max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-300)
