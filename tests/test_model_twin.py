@@ -61,3 +61,68 @@ def test_whole_model_matches_pytorch(norm_first, pool, image_size, channels):
                         channels=channels, norm_first=norm_first, pool=pool)
     x = np.random.default_rng(0).standard_normal((3, channels, *image_size))
     compare_with_twin(m, x)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(distilled=True),
+    dict(gelu="tanh", qkv_bias=False),
+    dict(pos_embed="sincos1d"),
+    dict(pos_embed="sincos2d", pool="mean", norm_first=False),
+    dict(layer_norm_eps=1e-5, depth=3),
+], ids=["distilled", "tanh-noqkvbias", "sincos1d", "sincos2d-mean-postnorm", "eps1e-5-depth3"])
+def test_model_variants_match_pytorch(variant):
+    kw = dict(image_size=(8, 12), patch_size=4, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=20, channels=3)
+    m = perturbed_model(**{**kw, **variant})
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 12))
+    compare_with_twin(m, x)
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["prenorm", "postnorm"])
+def test_training_mode_with_injected_masks_matches_pytorch(norm_first):
+    """Dropout, attention dropout, embedding dropout and drop path all on, with one shared draw."""
+    m = perturbed_model(image_size=8, patch_size=4, num_classes=3, dim=8, depth=2, heads=2, mlp_dim=12,
+                        dropout=0.2, attn_dropout=0.3, emb_dropout=0.1, drop_path_rate=0.5, norm_first=norm_first)
+    rng = np.random.default_rng(3)
+    B, N, D, F, NH = 4, m.config.num_tokens, 8, 12, 2
+    masks = {"emb": rng.random((B, N, D)) > 0.1}
+    for i in range(2):
+        masks[f"blocks.{i}"] = BlockMasks(rng.random((B, NH, N, N)) > 0.3, rng.random((B, N, D)) > 0.2,
+                                          rng.random((B, N, F)) > 0.2, rng.random((B, N, D)) > 0.2,
+                                          np.array([1, 0, 1, 1], bool).reshape(B, 1, 1),
+                                          np.array([0, 1, 1, 1], bool).reshape(B, 1, 1))
+    x = rng.standard_normal((B, 3, 8, 8))
+    compare_with_twin(m, x, masks=masks, train=True)
+
+
+def test_postnorm_block_is_pytorchs_transformer_encoder_layer():
+    """The tutorial's nn.TransformerEncoderLayer (norm_first=False, GELU) loads a tinyvit post-norm
+    block's weights unchanged (in_proj_weight is timm's fused qkv) and computes the same block."""
+    from tinyvit.block import block_backward, block_forward
+
+    D, NH, F, eps = 16, 4, 24, 1e-5
+    layer = torch.nn.TransformerEncoderLayer(d_model=D, nhead=NH, dim_feedforward=F, dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=False, layer_norm_eps=eps, dtype=torch.float64)
+    layer.eval()
+    t = dict(layer.named_parameters())
+    p = {"attn.qkv.weight": t["self_attn.in_proj_weight"], "attn.qkv.bias": t["self_attn.in_proj_bias"],
+         "attn.proj.weight": t["self_attn.out_proj.weight"], "attn.proj.bias": t["self_attn.out_proj.bias"],
+         "mlp.fc1.weight": t["linear1.weight"], "mlp.fc1.bias": t["linear1.bias"],
+         "mlp.fc2.weight": t["linear2.weight"], "mlp.fc2.bias": t["linear2.bias"],
+         "norm1.weight": t["norm1.weight"], "norm1.bias": t["norm1.bias"],
+         "norm2.weight": t["norm2.weight"], "norm2.bias": t["norm2.bias"]}
+    with torch.no_grad():
+        for v in p.values():
+            v.add_(torch.randn_like(v) * 0.1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, D))
+    out, cache = block_forward(x, {k: v.detach().numpy().copy() for k, v in p.items()}, NH, eps, norm_first=False)
+    dout = rng.standard_normal(out.shape)
+    dx, grads = block_backward(dout, cache)
+    xt = torch.tensor(x, requires_grad=True)
+    layer.train(False)
+    out_t = layer(xt)
+    (out_t * torch.tensor(dout)).sum().backward()
+    np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=0, atol=ATOL)
+    for k, v in p.items():
+        np.testing.assert_allclose(grads[k], v.grad.numpy(), rtol=0, atol=ATOL, err_msg=k)
