@@ -29,3 +29,10 @@ def maybe_noncontiguous(rng, array, flag):
     view = wide[..., ::2]
     assert not view.flags.c_contiguous or array.shape[-1] <= 1
     return view
+
+
+def block_param_shapes(D, F):
+    """``{key: shape}`` of one encoder block's parameters (keys without ``blocks.{i}.``)."""
+    return {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+            "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+            "mlp.fc1.weight": (F, D), "mlp.fc1.bias": (F,), "mlp.fc2.weight": (D, F), "mlp.fc2.bias": (D,)}

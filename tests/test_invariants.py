@@ -48,10 +48,7 @@ def test_attention_and_block_are_permutation_equivariant(B, N, NH, hs, seed, nor
     out, _ = attention_forward(x, *w, NH)
     out_perm, _ = attention_forward(x[:, perm], *w, NH)
     np.testing.assert_allclose(out_perm, out[:, perm], rtol=1e-10, atol=1e-12)
-    keys = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-            "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
-    shapes = [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,), (D,), (D,), (5, D), (5,), (D, 5), (D,)]
-    p = {k: rng.standard_normal(s) * 0.3 for k, s in zip(keys, shapes)}
+    p = {k: rng.standard_normal(s) * 0.3 for k, s in S.block_param_shapes(D, 5).items()}
     out, _ = block_forward(x, p, NH, 1e-6, norm_first)
     out_perm, _ = block_forward(x[:, perm], p, NH, 1e-6, norm_first)
     np.testing.assert_allclose(out_perm, out[:, perm], rtol=1e-10, atol=1e-12)
@@ -63,10 +60,7 @@ def test_backward_never_writes_its_inputs_or_dout(B, N, NH, hs, seed):
     rng = np.random.default_rng(seed)
     D = NH * hs
     x = rng.standard_normal((B, N, D))
-    keys = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-            "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
-    shapes = [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,), (D,), (D,), (5, D), (5,), (D, 5), (D,)]
-    p = {k: rng.standard_normal(s) for k, s in zip(keys, shapes)}
+    p = {k: rng.standard_normal(s) for k, s in S.block_param_shapes(D, 5).items()}
     kept = (x.copy(), {k: v.copy() for k, v in p.items()})
     out, cache = block_forward(x, p, NH, 1e-6, True)
     dout = rng.standard_normal(out.shape)

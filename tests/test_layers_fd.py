@@ -19,6 +19,7 @@ from tinyvit.mlp import mlp_backward, mlp_forward
 from tinyvit.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
 from tinyvit.tokens import add_pos_embed_backward, add_pos_embed_forward, prepend_tokens_backward, prepend_tokens_forward
 from tests.gradcheck import numeric_grad
+from tests.strategies import block_param_shapes
 from tests.tolerances import FD_TOLERANCE, assert_close
 
 B, N, D, NH, F = 2, 5, 8, 2, 12
@@ -125,9 +126,7 @@ def test_mlp(approximate):
           ["x", "fc1_w", "fc1_b", "fc2_w", "fc2_b"])
 
 
-BLOCK_SHAPES = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
-                "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
-                "mlp.fc1.weight": (F, D), "mlp.fc1.bias": (F,), "mlp.fc2.weight": (D, F), "mlp.fc2.bias": (D,)}
+BLOCK_SHAPES = block_param_shapes(D, F)
 
 
 @pytest.mark.parametrize("norm_first", [True, False], ids=["prenorm", "postnorm"])
