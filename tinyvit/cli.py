@@ -10,6 +10,8 @@ import sys
 
 COMMAND_MODULES = (
     "tinyvit.info",
+    "tinyvit.train",
+    "tinyvit.pretrained",
 )
 
 

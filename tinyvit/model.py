@@ -325,7 +325,9 @@ class VisionTransformer:
         if (height, width) != c.image_size:
             raise ValueError(f"image is {height}x{width} but the model expects {c.image_size[0]}x{c.image_size[1]}; "
                              f"resize the image, or build a model with image_size=({height}, {width}) and "
-                             f"resample the position embeddings to the new patch grid (bicubic)")
+                             f"resample the position embeddings to the new patch grid with "
+                             f"tinyvit.weights.resample_pos_embed (bicubic); "
+                             f"tinyvit.weights.load_pretrained(path, image_size=...) does both")
 
     def _check_finite(self, x, what: str) -> None:
         xp = array_module(x)

@@ -1,0 +1,343 @@
+"""Pretrained weights: read checkpoint files safely, resample position embeddings, build a model.
+
+Files are recognised by their first bytes, not their names:
+
+- ``.safetensors`` (8-byte header length, then a JSON header) and ``.npz`` (a zip of
+  ``.npy``, ``allow_pickle=False``): :func:`tinyvit.checkpoint.load_arrays`, which also
+  checks the checksum of files tinyvit wrote. bfloat16 safetensors are widened to float32
+  through PyTorch when it is installed.
+- ``.pth`` / ``.pt`` / ``.bin`` (a zip holding ``data.pkl``, or PyTorch's legacy format):
+  ``torch.load(weights_only=True)``, which refuses arbitrary classes. Needs PyTorch.
+
+Nothing is ever unpickled with code execution allowed. A missing, truncated or foreign
+file raises ``ValueError``/``FileNotFoundError`` naming the file and what is wrong.
+
+:func:`load_pretrained` is the one-call path: file -> layout (timm / torchvision /
+Hugging Face, :mod:`tinyvit.convert`) -> config inferred from shapes -> position
+embeddings resampled if another image size is asked for -> :class:`VisionTransformer`.
+:func:`save_state_dict` writes ``.safetensors`` or ``.npz`` atomically (a temp file in
+the same folder, then ``os.replace``, by :mod:`tinyvit.checkpoint`); :func:`export_pretrained` writes a model in timm's
+(or torchvision's, Hugging Face's) layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+from typing import NamedTuple
+
+import numpy as np
+
+from .convert import from_tinyvit, infer_config, to_tinyvit
+
+WEIGHT_FILES_IN_DIR = ("model.safetensors", "pytorch_model.bin", "model.npz", "model.pth")
+TORCH_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema")
+
+
+# ------------------------------------------------------------------ reading files
+def _check_path(path) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    if os.path.isdir(path):
+        for name in WEIGHT_FILES_IN_DIR:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise ValueError(f"{path!r} is a directory without any of {WEIGHT_FILES_IN_DIR}; pass the weights file")
+    return path
+
+
+def sniff_format(path: str) -> str:
+    """``"safetensors"``, ``"npz"`` or ``"torch"`` from the file's first bytes."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if size == 0:
+        raise ValueError(f"{path!r} is empty (0 bytes): not a weights file")
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ValueError(f"{path!r} looks like a zip archive (.npz or .pth) but cannot be read: {exc}; "
+                             f"is it truncated?") from None
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        raise ValueError(f"{path!r} is a zip archive but neither an .npz (only .npy members) nor a PyTorch "
+                         f"checkpoint (a data.pkl member); members: {names[:5]}")
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 8 + header_len > size:
+            raise ValueError(f"{path!r}: safetensors header says {header_len} bytes but the file has {size}; "
+                             f"it is truncated")
+        return "safetensors"
+    if head[:1] == b"\x80":  # a pickle protocol marker: PyTorch's legacy (non-zip) format
+        return "torch"
+    raise ValueError(f"{path!r} is not a weights file tinyvit reads: expected .safetensors (a JSON header), "
+                     f".npz or a PyTorch .pth/.bin (zip); the first bytes are {head[:8]!r}")
+
+
+def read_state_dict(path) -> dict:
+    """``{key: NumPy array}`` from a ``.safetensors``, ``.npz`` or PyTorch file (see the module doc).
+
+    A directory is searched for ``model.safetensors`` / ``pytorch_model.bin`` / ...
+    (a Hugging Face ``save_pretrained`` folder).
+    """
+    path = _check_path(path)
+    kind = sniff_format(path)
+    reader = _read_torch if kind == "torch" else _read_arrays
+    sd = reader(path)
+    if not sd:
+        raise ValueError(f"{path!r} holds no tensors")
+    return sd
+
+
+def _read_arrays(path: str) -> dict:
+    """``.safetensors`` / ``.npz`` through :func:`tinyvit.checkpoint.load_arrays` (checksums, clear errors)."""
+    from .checkpoint import load_arrays
+
+    try:
+        return load_arrays(path)
+    except ValueError as exc:
+        if "'BF16'" not in str(exc):
+            raise
+    return _read_bf16_safetensors(path)
+
+
+def _read_bf16_safetensors(path: str) -> dict:
+    """NumPy has no bfloat16: read through PyTorch and widen to float32."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError(f"{path!r} holds bfloat16 tensors, which NumPy cannot hold; install PyTorch "
+                         f"(tinyvit then widens them to float32) or save the file as float32") from None
+    from .convert import as_numpy
+
+    return {k: as_numpy(v, k) for k, v in load_file(path).items()}
+
+
+def _read_torch(path: str) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(f"{path!r} is a PyTorch checkpoint; reading it needs PyTorch (pip install torch), "
+                           f"or convert it to .safetensors elsewhere") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path!r} holds objects other than tensors and torch.load(weights_only=True) refused "
+                         f"it ({first}); tinyvit never loads with pickle allowed") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({first}); is it truncated?") from None
+    return _unwrap_torch(obj, path)
+
+
+def _unwrap_torch(obj, path: str) -> dict:
+    """A state dict, or a training checkpoint holding one under ``model`` / ``state_dict`` / ..."""
+    import torch
+
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
+    is_sd = lambda d: bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())  # noqa: E731
+    if not is_sd(obj):
+        for key in TORCH_WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict) and is_sd(obj[key]):
+                obj = obj[key]
+                break
+        else:
+            bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
+            raise ValueError(f"{path!r} is not a state dict: entries {bad} are not tensors, and none of "
+                             f"{TORCH_WRAPPER_KEYS} holds one")
+    from .convert import as_numpy
+
+    return {k: as_numpy(v, k) for k, v in obj.items()}
+
+
+# ------------------------------------------------------------------ writing files
+def save_state_dict(path, state_dict: dict) -> None:
+    """Write ``{key: array}`` as ``.safetensors`` or ``.npz`` (by the suffix), atomically, with a
+    checksum (:func:`tinyvit.checkpoint.save_arrays`). Non-finite weights are refused."""
+    from .checkpoint import save_arrays
+
+    for key, value in state_dict.items():
+        a = np.asarray(value)
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise ValueError(f"{key}: holds non-finite values; refusing to save")
+    save_arrays(path, dict(state_dict))
+
+
+# ------------------------------------------------------------------ position embeddings
+def _cubic(x, a):
+    """Keys' cubic convolution kernel with parameter ``a`` (torch: -0.75; PIL / antialias: -0.5)."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0  # |x| <= 1
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a  # 1 < |x| < 2
+    return np.where(x <= 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def bicubic_weights(in_size: int, out_size: int, antialias: bool = False) -> np.ndarray:
+    """The ``(out_size, in_size)`` matrix ``M`` with ``resized = M @ signal`` along one axis.
+
+    Matches ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)``:
+
+    - ``antialias=False``: source position ``s = (i + 0.5) * in/out - 0.5``; taps at
+      ``floor(s) - 1 .. floor(s) + 2`` with the cubic kernel ``a = -0.75``; taps outside
+      ``[0, in)`` are clamped to the edge sample (edge replication).
+    - ``antialias=True`` (PIL's filter, timm's default): kernel ``a = -0.5`` stretched by
+      ``scale = in/out`` when shrinking; taps outside ``[0, in)`` are dropped and the row
+      renormalised to sum to 1.
+    """
+    scale = in_size / out_size
+    m = np.zeros((out_size, in_size))
+    if not antialias:
+        for i in range(out_size):
+            s = (i + 0.5) * scale - 0.5
+            x0 = math.floor(s)
+            t = s - x0
+            taps = _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75)
+            for k, w in zip(range(x0 - 1, x0 + 3), taps):
+                m[i, min(max(k, 0), in_size - 1)] += w
+        return m
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = _cubic((np.arange(lo, hi) - center + 0.5) * invscale, -0.5)
+        m[i, lo:hi] = taps / taps.sum()
+    return m
+
+
+def resample_pos_embed(pos_embed, new_grid, old_grid=None, num_prefix_tokens: int = 1,
+                       antialias: bool = True) -> np.ndarray:
+    """Bicubic resampling of a learned position embedding to another patch grid.
+
+    ``pos_embed: (1, T + gh*gw, D) -> (1, T + new_gh*new_gw, D)``; the ``T`` prefix rows
+    (class token, distillation token) are kept as they are. ``old_grid`` defaults to a
+    square grid. The default ``antialias=True`` is timm's ``resample_abs_pos_embed``;
+    ``antialias=False`` is Hugging Face's ``interpolate_pos_encoding`` kernel (the two
+    differ at the grid's border even when enlarging). Computed on the host in float64,
+    returned in the input's dtype; it runs once at load time, never in a step.
+    """
+    pos = np.asarray(pos_embed)
+    if pos.ndim != 3 or pos.shape[0] != 1:
+        raise ValueError(f"pos_embed must be (1, N, D), got {pos.shape}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    new_grid = _as_grid(new_grid, "new_grid")
+    patches = pos.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(max(patches, 0))
+        if side * side != patches or side == 0:
+            raise ValueError(f"pos_embed has {patches} patch rows, not a square grid; pass old_grid=(gh, gw)")
+        old_grid = (side, side)
+    old_grid = _as_grid(old_grid, "old_grid")
+    if old_grid[0] * old_grid[1] != patches:
+        raise ValueError(f"old_grid {old_grid} has {old_grid[0] * old_grid[1]} cells but pos_embed has {patches} "
+                         f"patch rows (after {num_prefix_tokens} prefix rows)")
+    prefix, grid = pos[:, :num_prefix_tokens], pos[0, num_prefix_tokens:]  # (1, T, D), (gh*gw, D)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos.copy()
+    grid = grid.reshape(old_grid[0], old_grid[1], -1).astype(np.float64)  # (gh, gw, D)
+    rows = bicubic_weights(old_grid[0], new_grid[0], antialias)  # (new_gh, gh)
+    cols = bicubic_weights(old_grid[1], new_grid[1], antialias)  # (new_gw, gw)
+    out = np.einsum("ai,ijd,bj->abd", rows, grid, cols)  # (new_gh, new_gw, D)
+    out = out.reshape(1, new_grid[0] * new_grid[1], -1).astype(pos.dtype)  # (1, new_gh*new_gw, D)
+    return np.concatenate([prefix, out], axis=1)  # (1, T + new_gh*new_gw, D)
+
+
+def _as_grid(grid, name: str) -> tuple:
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        grid = (int(grid), int(grid))
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2
+            and all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise ValueError(f"{name} must be a positive int or (height, width) in patches, got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+# ------------------------------------------------------------------ the one-call path
+class Checkpoint(NamedTuple):
+    """A checkpoint read and converted, before a model is built from it."""
+
+    state_dict: dict  # tinyvit keys (timm's), NumPy arrays
+    layout: str  # "timm", "torchvision" or "hf"
+    config: dict  # VisionTransformer kwargs
+    notes: list  # defaults taken, resampling done (human-readable)
+    labels: list | None  # class names from a Hugging Face config.json's id2label, if it has real ones
+
+
+def read_checkpoint(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
+                    image_size=None, gelu: str | None = None, antialias: bool = True) -> Checkpoint:
+    """Read ``path`` and convert it to tinyvit's keys and a config (see :func:`load_pretrained`)."""
+    file = _check_path(path)
+    raw = read_state_dict(file)
+    sd, layout = to_tinyvit(raw, layout)
+    hf_config = _read_hf_config(file) if layout == "hf" else None
+    config, notes = infer_config(sd, layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
+                                 gelu=gelu, hf_config=hf_config)
+    if "pos_embed" in sd:
+        prefix = 2 if config["distilled"] else 1
+        patch = config["patch_size"]
+        grid = (config["image_size"][0] // patch, config["image_size"][1] // patch)
+        rows = sd["pos_embed"].shape[1] - prefix
+        if rows != grid[0] * grid[1]:
+            side = math.isqrt(rows)
+            if side * side != rows:
+                raise ValueError(f"pos_embed has {rows} patch rows, not a square grid, and image_size "
+                                 f"{config['image_size']} needs {grid[0] * grid[1]}; cannot resample")
+            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid, (side, side), prefix, antialias)
+            notes.append(f"pos_embed resampled bicubic from a {side}x{side} to a {grid[0]}x{grid[1]} patch grid "
+                         f"(image {side * patch} -> {config['image_size'][0]}x{config['image_size'][1]})")
+    labels = None
+    if hf_config and isinstance(hf_config.get("id2label"), dict):
+        names = hf_config["id2label"]
+        if len(names) == config["num_classes"] and not all(str(v).startswith("LABEL_") for v in names.values()):
+            labels = [str(names.get(str(i), names.get(i, f"class {i}"))) for i in range(config["num_classes"])]
+    return Checkpoint(sd, layout, config, notes, labels)
+
+
+def _read_hf_config(weights_file: str) -> dict | None:
+    path = os.path.join(os.path.dirname(weights_file), "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path!r} next to the weights is not valid JSON ({exc})") from None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def load_pretrained(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
+                    image_size=None, gelu: str | None = None, antialias: bool = True, backend=None,
+                    dtype: str = "float32"):
+    """A timm / torchvision / Hugging Face ViT checkpoint -> a :class:`~tinyvit.VisionTransformer`.
+
+    ``layout`` is detected from the keys; the config is inferred from the shapes
+    (:func:`tinyvit.convert.infer_config`): ``heads`` defaults to the standard count
+    for the width, ``layer_norm_eps`` to the layout's (1e-6 timm/torchvision, 1e-12
+    Hugging Face, or its ``config.json``). ``image_size`` other than the checkpoint's
+    resamples the position embedding (:func:`resample_pos_embed`, timm's antialiased
+    bicubic unless ``antialias=False``).
+    """
+    from .model import VisionTransformer
+
+    ckpt = read_checkpoint(path, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
+                           gelu=gelu, antialias=antialias)
+    model = VisionTransformer(**ckpt.config, backend=backend, dtype=dtype)
+    model.load_state_dict(ckpt.state_dict)
+    return model
+
+
+def export_pretrained(model_or_state_dict, path, layout: str = "timm") -> None:
+    """Write a model's (or tinyvit state dict's) weights in ``layout``'s names to ``.safetensors``/``.npz``."""
+    sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
+    save_state_dict(path, from_tinyvit(sd, layout))
