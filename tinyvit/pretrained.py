@@ -115,7 +115,7 @@ def draw_attention(image, heads_map: np.ndarray, rollout_map: np.ndarray, path, 
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (name, heat) in zip(axes.ravel(), panels):
-        ax.imshow(img)
+        ax.imshow(img, extent=(0, w, h, 0))
         if heat is not None:
             heat = heat / max(float(heat.max()), 1e-12)
             ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear", vmin=0, vmax=1)

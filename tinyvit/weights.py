@@ -130,9 +130,9 @@ def _read_torch(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ValueError(f"{path!r} holds objects other than tensors and torch.load(weights_only=True) refused "
-                         f"it ({first}); tinyvit never loads with pickle allowed") from None
+        why = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "unsupported" in line]
+        raise ValueError(f"{path!r} holds objects other than tensors, so torch.load(weights_only=True) refused "
+                         f"it{' (' + why[0] + ')' if why else ''}; tinyvit never loads with pickle allowed") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({first}); is it truncated?") from None
