@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from . import kernels
 from .backend import array_module, erf
 
 APPROXIMATIONS = ("none", "tanh")
@@ -34,19 +35,35 @@ class GeluCache(NamedTuple):
 
 
 def gelu_forward(x, approximate: str = "none"):
-    """``x: (...) -> out: (...)``, same shape and dtype; cache: x."""
-    if approximate == "none":
-        out = 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
-    elif approximate == "tanh":
-        xp = array_module(x)
-        out = 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + _TANH_C * x * x * x)))
-    else:
+    """``x: (...) -> out: (...)``, same shape and dtype; cache: x.
+
+    float32 runs the fused kernel of :mod:`tinyvit.kernels` (equal to the reference below
+    within float32 rounding, ``tests/test_bench_kernels.py``); otherwise the reference.
+    """
+    if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    out = kernels.gelu_forward(x, approximate)
+    if out is None:
+        out = gelu_reference_forward(x, approximate)
     return out, GeluCache(x, approximate)
 
 
 def gelu_backward(dout, cache: GeluCache):
-    """``dout: (...) -> dx: (...)``."""
+    """``dout: (...) -> dx: (...)``; the fused kernel for float32, else the reference."""
+    dx = kernels.gelu_backward(dout, cache.x, cache.approximate)
+    return gelu_reference_backward(dout, cache) if dx is None else dx
+
+
+def gelu_reference_forward(x, approximate: str = "none"):
+    """The plain formula: ``x: (...) -> out: (...)``."""
+    if approximate == "none":
+        return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
+    xp = array_module(x)
+    return 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + _TANH_C * x * x * x)))
+
+
+def gelu_reference_backward(dout, cache: GeluCache):
+    """The plain formula: ``dout: (...) -> dx: (...)``."""
     x, approximate = cache
     xp = array_module(x)
     if approximate == "none":
