@@ -1,5 +1,7 @@
 """Softmax and multi-head self-attention (timm's layout: one fused ``qkv`` projection).
 
+Derivation: docs/softmax_attention.md (the learners' tour: examples/03_attention.py)
+
 Shapes: ``B`` batch, ``N`` tokens, ``D`` width, ``NH`` heads, ``hs = D / NH``.
 
 Forward::

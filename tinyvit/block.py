@@ -1,5 +1,7 @@
 """One transformer encoder block, pre-norm or post-norm, as a forward/backward pair.
 
+Derivation: docs/block.md (the learners' tour: examples/05_post_vs_pre_norm.py)
+
 Pre-norm (``norm_first=True``: the ViT paper, timm)::
 
     h   = x + drop_path(proj_drop(attn(norm1(x))))

@@ -1,5 +1,7 @@
 """DeiT's hard-label distillation loss (Touvron et al. 2021), forward and backward.
 
+Derivation: docs/cross_entropy.md (the learners' tour: examples/06_distillation.py)
+
 A distilled student (``VisionTransformer(..., distilled=True)``) has two heads: ``head``
 reads the class token and learns from the true labels, ``head_dist`` reads the
 distillation token and learns from the teacher's hard decision ``argmax(teacher logits)``.

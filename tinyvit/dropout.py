@@ -1,5 +1,7 @@
 """Inverted dropout and stochastic depth (drop path).
 
+Derivation: docs/dropout.md
+
 Dropout, in training: keep each element with probability ``1 - p`` and scale the kept
 ones by ``1 / (1 - p)`` so the expectation is unchanged; in evaluation, the identity::
 

@@ -1,5 +1,7 @@
 """GELU: ``x * Phi(x)``, with ``Phi`` the standard normal CDF.
 
+Derivation: docs/gelu.md (the learners' tour: examples/04_forward_backward.py)
+
 Exact (PyTorch's default, ``approximate="none"``)::
 
     out  = 0.5 * x * (1 + erf(x / sqrt(2)))

@@ -1,5 +1,7 @@
 """Pooling the token sequence into one vector per image, for the classifier head.
 
+Derivation: docs/model.md (the learners' tour: examples/04_forward_backward.py)
+
 ``pool="cls"`` (the ViT paper): take the class token, ``x[:, 0]``.
 ``pool="mean"`` (timm's ``global_pool="avg"``): average the patch tokens, skipping the
 ``T`` prefix tokens. Both backwards scatter the gradient back to the tokens that were read;

@@ -1,5 +1,7 @@
 """Layer normalisation over the last axis (``D``), with learnable scale and shift.
 
+Derivation: docs/layernorm.md (the learners' tour: examples/04_forward_backward.py, examples/05_post_vs_pre_norm.py)
+
 Forward, per token (``x`` a row of length D)::
 
     mean = sum(x) / D

@@ -1,5 +1,7 @@
 """Linear (fully connected) layer: ``out = x @ w.T + b``, weights stored ``(out, in)`` as in PyTorch.
 
+Derivation: docs/linear.md (the learners' tour: examples/01_patches.py)
+
 Shapes: ``x: (..., in)``, ``w: (out, in)``, ``b: (out,)`` or ``None`` -> ``out: (..., out)``.
 
 Backward, with ``dout = dL/dout``::

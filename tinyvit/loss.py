@@ -1,5 +1,7 @@
 """Softmax cross-entropy, with label smoothing and soft (probability) targets.
 
+Derivation: docs/cross_entropy.md (the learners' tour: examples/04_forward_backward.py)
+
 ``logits: (B, K)``, targets either class indices ``(B,)`` (integers in ``[0, K)``) or
 probabilities ``(B, K)`` (Mixup/CutMix, distillation). With smoothing ``eps`` the target
 distribution is ``t' = (1 - eps) * t + eps / K`` (PyTorch's rule, for both kinds)::

@@ -1,5 +1,7 @@
 """The transformer's MLP: ``fc1 -> GELU -> dropout -> fc2 -> dropout``.
 
+Derivation: docs/block.md (the learners' tour: examples/04_forward_backward.py)
+
 ``x: (B, N, D) -> h: (B, N, F) -> out: (B, N, D)``; the backward runs the same five
 steps in reverse, each with its own cache.
 """

@@ -1,6 +1,8 @@
 """The Vision Transformer: a flat script over the layers, forward top to bottom and
 backward bottom to top.
 
+Derivation: docs/model.md (the learners' tour: examples/04_forward_backward.py)
+
 Shape letters (used in every docstring): ``B`` batch, ``C`` channels, ``H, W`` image,
 ``P`` patch, ``Np = (H/P)(W/P)`` patches, ``T`` prefix tokens (class token, plus the
 distillation token in DeiT), ``N = T + Np`` tokens, ``D`` width, ``NH`` heads,

@@ -1,5 +1,7 @@
 """Image patching and patch embedding.
 
+Derivation: docs/patching.md (the learners' tour: examples/01_patches.py, examples/00_tutorial_mistakes.py)
+
 Patching cuts ``(B, C, H, W)`` into ``Np = (H/P) * (W/P)`` non-overlapping ``P x P``
 patches, row by row, and flattens each in ``(c, p1, p2)`` order::
 

@@ -1,5 +1,7 @@
 """From patch embeddings to the token sequence: prefix tokens and position embeddings.
 
+Derivation: docs/tokens.md (the learners' tour: examples/02_positions.py)
+
 ``x: (B, Np, D)`` gets a learnable class token (and, for DeiT, a distillation token)
 prepended, then a position embedding added::
 
