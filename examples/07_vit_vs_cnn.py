@@ -18,8 +18,13 @@ The CNN is built from tinyvit's own layers where it can be:
 - ReLU, written here: ``out = max(x, 0)``, ``dx = dout * (x > 0)``;
 - the 4x4 map of features is flattened (a reshape) into the classifier, ``linear_forward``.
 
+After training, the ViT's attention is drawn on a few test digits: the last block's
+class-token attention per head, and the attention rollout over both blocks
+(``tinyvit.pretrained.attention_rollout``, Abnar & Zuidema 2020), read from
+``VisionTransformer.attention_maps()``.
+
 Run: ``python3 examples/07_vit_vs_cnn.py`` (about half a minute; ``--quick`` a few seconds).
-Picture: ``docs/images/07_vit_vs_cnn.png``.
+Pictures: ``docs/images/07_vit_vs_cnn.png``, ``docs/images/07_vit_attention.png``.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from tinyvit.flops import forward_macs
 from tinyvit.linear import LinearCache, linear_backward, linear_forward
 from tinyvit.optim import AdamW, warmup_cosine
 from tinyvit.patch_embed import patch_embed_backward, patch_embed_forward
+from tinyvit.pretrained import attention_rollout, cls_attention
 
 
 # ---------------------------------------------------------------- the two new ops
@@ -235,6 +241,31 @@ def main() -> None:
     for p_, v in zip(pos, np.array(vit_vals) / np.array(cnn_vals)):
         ax.text(p_, v, f"{v:.1f}x", ha="center", va="bottom", fontsize=9)
     _tour.save(fig, args, "07_vit_vs_cnn.png")
+
+    _tour.banner("where the trained ViT's class token looks")
+    show = x_test[:6]  # (6, 1, 8, 8)
+    predicted = vit.forward(show).argmax(axis=1)  # (6,)
+    maps = vit.attention_maps()  # [(6, NH, N, N)] x depth
+    heads = cls_attention(maps[-1], vit.config.num_prefix_tokens, vit.config.grid)  # (6, NH, 4, 4)
+    rollout = attention_rollout(maps)[:, 0, 1:].reshape(-1, *vit.config.grid)  # row 0 over the patches: (6, 4, 4)
+    print(f"attention maps {[a.shape for a in maps]} -> class token's row, last block, per head {heads.shape}; "
+          f"rollout over the blocks {rollout.shape}")
+    fig, axes = plt.subplots(2 + heads.shape[1], len(show), figsize=(1.6 * len(show), 1.7 * (2 + heads.shape[1])))
+    for j in range(len(show)):
+        axes[0, j].imshow(show[j, 0], cmap="gray_r")
+        axes[0, j].set_title(f"label {y_test[j]}, pred {predicted[j]}", fontsize=8)
+        for h in range(heads.shape[1]):
+            axes[1 + h, j].imshow(np.kron(heads[j, h], np.ones((2, 2))), cmap="inferno")
+        axes[-1, j].imshow(np.kron(rollout[j], np.ones((2, 2))), cmap="inferno")
+    for h in range(heads.shape[1]):
+        axes[1 + h, 0].set_ylabel(f"head {h}", fontsize=8)
+    axes[0, 0].set_ylabel("digit", fontsize=8)
+    axes[-1, 0].set_ylabel("rollout", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Trained ViT: class-token attention over the 4x4 patches (last block), and rollout", fontsize=9)
+    _tour.save(fig, args, "07_vit_attention.png")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and the digits bundled with tinyvit (``tinyvit/data/digits.csv.gz``: 1797 images
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 
@@ -61,20 +60,12 @@ def photo(name: str = "china") -> np.ndarray:
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    """The bundled digits: images float32 ``(1797, 1, 8, 8)`` in ``[0, 1]``, labels int64 ``(1797,)``."""
-    import tinyvit
+    """The bundled digits (``tinyvit.data.load_digits``): images float32 ``(1797, 1, 8, 8)`` in
+    ``[0, 1]``, labels int64 ``(1797,)``."""
+    from tinyvit.data import load_digits
 
-    path = os.path.join(os.path.dirname(tinyvit.__file__), "data", "digits.csv.gz")
-    if os.path.exists(path):
-        with gzip.open(path, "rt") as f:
-            table = np.loadtxt(f, delimiter=",")  # (1797, 65): 64 pixels in 0..16, then the label
-        pixels, labels = table[:, :64], table[:, 64]
-    else:  # an older tinyvit without the bundled file: scikit-learn ships the same table
-        from sklearn.datasets import load_digits
-
-        pixels, labels = load_digits(return_X_y=True)
-    images = (pixels / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
-    return images, labels.astype(np.int64)
+    ds = load_digits()
+    return ds.images, ds.labels
 
 
 def split(images, labels, test_fraction: float = 0.25, seed: int = 0):

@@ -31,7 +31,7 @@ PICTURES = {
     "04_forward_backward.py": ["04_gradient_errors.png"],
     "05_post_vs_pre_norm.py": ["05_grad_norms.png"],
     "06_distillation.py": ["06_distillation.png"],
-    "07_vit_vs_cnn.py": ["07_vit_vs_cnn.png"],
+    "07_vit_vs_cnn.py": ["07_vit_vs_cnn.png", "07_vit_attention.png"],
 }
 
 
