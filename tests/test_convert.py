@@ -193,6 +193,9 @@ def test_infer_config_asks_for_what_shapes_cannot_tell():
         infer_config(wide, "timm", heads=4)
     config, _ = infer_config(wide, "timm", heads=4, image_size=(16, 32))
     assert config["image_size"] == (16, 32)
+    with pytest.raises(ValueError, match="not divisible by the checkpoint's patch size 8; the nearest valid size "
+                                         "is 40x40"):
+        infer_config(sd, "timm", heads=4, image_size=38)
 
 
 @pytest.mark.parametrize("dim,heads", sorted(DEFAULT_HEADS.items()))

@@ -69,7 +69,8 @@ def test_predict_prints_top5(files, capsys, weights):
 
 def test_predict_auto_recipe_and_labels_file(files, capsys, tmp_path):
     d, _ = files
-    assert main(["predict", str(d / "cat.png"), "--weights", str(d / "hf.safetensors"), "--heads", "4", "--top", "3"]) == 0
+    assert main(["predict", str(d / "cat.png"), "--weights", str(d / "hf.safetensors"), "--heads", "4",
+                 "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "preprocessing: hf" in out and "eps 1e-12" in out and len(rows_of(out)) == 3
     labels = tmp_path / "labels.txt"

@@ -443,6 +443,13 @@ def infer_config(state_dict: dict, layout: str = "timm", *, heads: int | None = 
     grid = None
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < patch for s in size):
+            raise ValueError(f"image_size must be an int or (height, width) of at least the patch size {patch}, "
+                             f"got {image_size!r}")
+        if size[0] % patch or size[1] % patch:
+            near = [max(patch, round(s / patch) * patch) for s in size]
+            raise ValueError(f"image_size {size[0]}x{size[1]} is not divisible by the checkpoint's patch size "
+                             f"{patch}; the nearest valid size is {near[0]}x{near[1]}")
         grid = (size[0] // patch, size[1] // patch)
     if pos is None:
         if grid is None:
