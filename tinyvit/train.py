@@ -58,6 +58,7 @@ class TrainConfig:
     mlp_dim: int = 128
     pool: str = "cls"
     gelu: str = "tanh"
+    pos_embed: str = "learned"  # learned | sincos1d | sincos2d
     dropout: float = 0.0
     drop_path: float = 0.1
     # optimisation
@@ -119,7 +120,7 @@ def _build_model(cfg: TrainConfig, train_set) -> VisionTransformer:
         image_size=(height, width), patch_size=cfg.patch_size, num_classes=len(train_set.classes), dim=cfg.dim,
         depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, channels=channels, dropout=cfg.dropout,
         pool=cfg.pool, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, drop_path_rate=cfg.drop_path,
-        gelu=cfg.gelu, distilled=cfg.teacher is not None)
+        gelu=cfg.gelu, pos_embed=cfg.pos_embed, distilled=cfg.teacher is not None)
 
 
 def load_model(path, backend=None, dtype=None) -> VisionTransformer:
@@ -402,6 +403,7 @@ def register(subparsers) -> None:
     g.add_argument("--mlp-dim", type=int, default=d.mlp_dim)
     g.add_argument("--pool", choices=("cls", "mean"), default=d.pool)
     g.add_argument("--gelu", choices=("none", "tanh"), default=d.gelu)
+    g.add_argument("--pos-embed", choices=("learned", "sincos1d", "sincos2d"), default=d.pos_embed)
     g.add_argument("--dropout", type=float, default=d.dropout)
     g.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate of the last block")
     g = p.add_argument_group("optimisation")
