@@ -57,7 +57,8 @@ def section_patch_embedding(args) -> None:
     conv, flatten, linear = embed
     print(f"image                     {tuple(x.shape)}")
     print(f"Conv2d(3, 768, 16, 16)    {tuple(conv(x).shape)}      (B, C*P*P, H/P, W/P)")
-    print(f"Flatten(start_dim=2)      {tuple(flatten(conv(x)).shape)}         (B, C*P*P, Np): patches are the LAST axis")
+    print(f"Flatten(start_dim=2)      {tuple(flatten(conv(x)).shape)}         "
+          f"(B, C*P*P, Np): patches are the LAST axis")
     print(f"Linear(768, 768) acts on the last axis, which has 196 entries, not 768:")
     try:
         embed(x)
@@ -81,7 +82,8 @@ def section_patch_embedding(args) -> None:
     b_one = w_lin @ b + b_lin  # (D,)
     ours_one, _ = patch_embed_forward(x.numpy(), w_one, b_one)  # (1, 196, D)
     print(f"the fixed Conv2d+Linear is ONE patch embedding (W_lin @ W_conv): max abs error "
-          f"{_tour.max_err(ours_one, out.detach().numpy())[0]:.1e}; the tutorial could use Conv2d(3, dim, 16, 16) alone")
+          f"{_tour.max_err(ours_one, out.detach().numpy())[0]:.1e}; "
+          f"the tutorial could use Conv2d(3, dim, 16, 16) alone")
 
     # Where it does NOT fail it is worse: 1 channel, 16x16 image, P = 4 gives Np = C*P*P = 16,
     # the Linear runs, and every output token mixes all 16 patches.
@@ -110,7 +112,8 @@ def section_patch_embedding(args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    for ax, grid, title in zip(axes, (wrong, right), ("tutorial: Flatten(2) -> Linear", "fixed: .transpose(1, 2) -> Linear")):
+    titles = ("tutorial: Flatten(2) -> Linear", "fixed: .transpose(1, 2) -> Linear")
+    for ax, grid, title in zip(axes, (wrong, right), titles):
         ax.imshow(grid, cmap="Greys", vmin=0, vmax=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("input patch j")
@@ -130,7 +133,8 @@ def section_patch_order() -> None:
     print(f"patch 0 of image 0, tutorial (p1 p2 c): {tutorial[0, 0].astype(int).tolist()}")
     print(f"patch 0 of image 0, tinyvit  (c p1 p2): {ours[0, 0].astype(int).tolist()}")
     print("same numbers, another order: both are fine for a Linear trained from scratch, but only (c p1 p2) is the")
-    print("memory order of a Conv2d(C, D, P, stride=P) weight (D, C, P, P), so only it loads a published ViT's patch_embed")
+    print("memory order of a Conv2d(C, D, P, stride=P) weight (D, C, P, P), so only it loads a published ViT's")
+    print("patch_embed weights")
 
 
 class TutorialMultiHeadAttention(nn.Module):
@@ -223,7 +227,8 @@ def section_post_norm() -> None:
     rng = np.random.default_rng(0)
     p = {  # one pre-norm block in timm's layout (a published checkpoint's blocks.{i}.*), random weights
         "norm1.weight": 1.0 + 0.1 * rng.standard_normal(dim), "norm1.bias": 0.1 * rng.standard_normal(dim),
-        "attn.qkv.weight": 0.1 * rng.standard_normal((3 * dim, dim)), "attn.qkv.bias": 0.1 * rng.standard_normal(3 * dim),
+        "attn.qkv.weight": 0.1 * rng.standard_normal((3 * dim, dim)),
+        "attn.qkv.bias": 0.1 * rng.standard_normal(3 * dim),
         "attn.proj.weight": 0.1 * rng.standard_normal((dim, dim)), "attn.proj.bias": 0.1 * rng.standard_normal(dim),
         "norm2.weight": 1.0 + 0.1 * rng.standard_normal(dim), "norm2.bias": 0.1 * rng.standard_normal(dim),
         "mlp.fc1.weight": 0.1 * rng.standard_normal((mlp_dim, dim)), "mlp.fc1.bias": 0.1 * rng.standard_normal(mlp_dim),

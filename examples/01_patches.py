@@ -39,12 +39,14 @@ def main() -> None:
     print(f"patches (B, Np, C*P*P)              {patches.shape}")
     row, col = 5, 7
     index = row * grid_w + col  # patches are numbered row by row
-    same = np.array_equal(patches[0, index], x[0, :, row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH].reshape(-1))
+    block = x[0, :, row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH]  # (C, P, P)
+    same = np.array_equal(patches[0, index], block.reshape(-1))
     print(f"patch {index} = grid row {row}, column {col} = x[0, :, {row * PATCH}:{(row + 1) * PATCH}, "
           f"{col * PATCH}:{(col + 1) * PATCH}].reshape(-1): {same}")
     print(f"its 768 numbers: [0:256] red, [256:512] green, [512:768] blue, each a 16x16 block row by row (c p1 p2)")
     back = unpatchify(patches, grid_h, grid_w, PATCH)  # (2, 3, 224, 224)
-    print(f"unpatchify(patches) == x: {np.array_equal(back, x)} (patching only moves numbers, so its backward is its inverse)")
+    print(f"unpatchify(patches) == x: {np.array_equal(back, x)} "
+          f"(patching only moves numbers, so its backward is its inverse)")
 
     _tour.banner("patch embedding: one Linear(C*P*P -> D) per patch, = Conv2d(C, D, P, stride=P)")
     bound = 1.0 / np.sqrt(3 * PATCH * PATCH)  # PyTorch's Conv2d default init, as tinyvit's
@@ -61,7 +63,8 @@ def main() -> None:
     dx, dw, db = patch_embed_backward(dtokens, cache)
     print(f"dx {dx.shape}  dw {dw.shape}  db {db.shape}")
     dpatches = dtokens @ w.reshape(DIM, -1)  # (B, Np, D) @ (D, 768) -> (B, Np, 768): the linear's dx
-    print(f"dx == unpatchify(dtokens @ w_2d): {np.allclose(dx, unpatchify(dpatches, grid_h, grid_w, PATCH), atol=1e-6)}; "
+    dx_by_hand = unpatchify(dpatches, grid_h, grid_w, PATCH)  # (B, C, H, W)
+    print(f"dx == unpatchify(dtokens @ w_2d): {np.allclose(dx, dx_by_hand, atol=1e-6)}; "
           f"dw == sum over (B, Np) of dtokens^T patches: "
           f"{np.allclose(dw.reshape(DIM, -1), dtokens.reshape(-1, DIM).T @ patches.reshape(-1, 768), atol=1e-3)}")
 

@@ -52,7 +52,8 @@ def main() -> None:
     x = rng.standard_normal((2, GRID * GRID, DIM)).astype(np.float32)  # (B, Np, D): patch embeddings (chapter 1)
     cls_token = (rng.standard_normal((1, 1, DIM)) * 1e-6).astype(np.float32)  # (1, 1, D), timm's init
     tokens, prefix_cache = prepend_tokens_forward(x, cls_token)  # (2, 197, 192)
-    print(f"patch tokens {x.shape} + cls_token {cls_token.shape} -> tokens {tokens.shape}: N = 1 + Np = {tokens.shape[1]}")
+    print(f"patch tokens {x.shape} + cls_token {cls_token.shape} -> tokens {tokens.shape}: "
+          f"N = 1 + Np = {tokens.shape[1]}")
     print("the class token is the same vector for every image; it holds no pixel, and after the blocks the head reads")
     print("only it: attention is how it gathers the image.")
     dtokens = rng.standard_normal(tokens.shape).astype(np.float32)  # (B, N, D)
@@ -91,7 +92,8 @@ def main() -> None:
         right, below = sim[GRID * 7 + 7, GRID * 7 + 8], sim[GRID * 7 + 7, GRID * 8 + 7]
         print(f"{name:28s} patch (7,7) vs (7,8) right: {right:+.2f}   vs (8,7) below: {below:+.2f}   "
               f"vs (0,0): {sim[GRID * 7 + 7, 0]:+.2f}")
-    print("1D: the right neighbour is close, the one below (14 tokens away) much less: the code sees a line, not a grid.")
+    print("1D: the right neighbour is close, the one below (14 tokens away) much less: the code sees a line,")
+    print("    not a grid.")
     print("2D: right and below are equally close. Learned: noise until trained (ViT's trained ones look like 2D).")
 
     import matplotlib.pyplot as plt

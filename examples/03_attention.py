@@ -88,7 +88,8 @@ def main() -> None:
     print(f"by hand: {HEADS} x (B, N, hs) -> concatenate -> (B, N, D) -> proj -> {y_multi.shape}")
     print(f"tinyvit: qkv (B, N, 3D) -> reshape (B, N, 3, NH, hs) -> q, k, v (B, NH, N, hs) -> att (B, NH, N, N) "
           f"-> {out.shape}")
-    print(f"  max abs error {_tour.max_err(out, y_multi)[0]:.1e}; attention probabilities cached as {cache.att.out.shape}")
+    print(f"  max abs error {_tour.max_err(out, y_multi)[0]:.1e}; "
+          f"attention probabilities cached as {cache.att.out.shape}")
 
     _tour.banner("the backward, by hand (one head, the forward above read bottom-up)")
     dy = rng.standard_normal(y.shape)  # (B, N, hs): some upstream gradient dL/dy
@@ -97,7 +98,8 @@ def main() -> None:
     dv = att.swapaxes(-1, -2) @ dy  # (B, N, N) @ (B, N, hs) -> (B, N, hs)
     # att = softmax(scores): per row, dscores = att * (datt - sum_j(datt * att))
     dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, N, N)
-    print(f"dscores by hand vs tinyvit softmax_backward: {_tour.max_err(dscores, softmax_backward(datt, att_cache))[0]:.1e}")
+    print(f"dscores by hand vs tinyvit softmax_backward: "
+          f"{_tour.max_err(dscores, softmax_backward(datt, att_cache))[0]:.1e}")
     # scores = q @ k^T / sqrt(hs)
     dq = dscores @ k / math.sqrt(DIM)  # (B, N, N) @ (B, N, hs) -> (B, N, hs)
     dk = dscores.swapaxes(-1, -2) @ q / math.sqrt(DIM)  # (B, N, N) @ (B, N, hs) -> (B, N, hs)

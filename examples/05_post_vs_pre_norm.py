@@ -130,8 +130,9 @@ timm's init (std 0.02) makes every branch tiny next to the residual stream, so b
 down almost unchanged; post-norm's block 0 stands out because its LayerNorms see the raw patch embedding, whose
 scale is not 1, and the LayerNorm backward multiplies by 1 / std. With Xavier weights the branches are as large
 as the stream: post-norm's gradients grow toward the output (each LayerNorm on the residual path rescales what
-passes through it), pre-norm's do not grow (its residual path x -> out is an identity; here they shrink a little). That is Xiong et al.'s
-finding, and why post-norm Transformers need a learning-rate warm-up while ViT (pre-norm) trains more easily.""")
+passes through it); pre-norm's do not grow (its residual path x -> out is an identity; here they shrink a
+little). That is Xiong et al.'s finding, and why post-norm Transformers need a learning-rate warm-up while ViT
+(pre-norm) trains more easily.""")
 
     import matplotlib.pyplot as plt
 

@@ -57,10 +57,12 @@ def main() -> None:
     student = VisionTransformer(**VIT, distilled=True, seed=0)
     c = student.config
     print(f"distilled=True: T = {c.num_prefix_tokens} prefix tokens, N = T + Np = {c.num_tokens}; new parameters "
-          f"dist_token {student.params['dist_token'].shape}, head_dist.weight {student.params['head_dist.weight'].shape}; "
+          f"dist_token {student.params['dist_token'].shape}, "
+          f"head_dist.weight {student.params['head_dist.weight'].shape}; "
           f"pos_embed {student.params['pos_embed'].shape}")
     cls_logits, dist_logits = student.forward_distill(x_train[:BATCH], train=True)
-    print(f"forward_distill(x {x_train[:BATCH].shape}) -> cls_logits {cls_logits.shape}, dist_logits {dist_logits.shape}")
+    print(f"forward_distill(x {x_train[:BATCH].shape}) -> cls_logits {cls_logits.shape}, "
+          f"dist_logits {dist_logits.shape}")
     print(f"forward(x) -> (cls_logits + dist_logits) / 2 {student.forward(x_train[:BATCH]).shape}")
 
     _tour.banner("the teacher: chapter 7's small CNN")

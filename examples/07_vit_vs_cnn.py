@@ -189,7 +189,7 @@ def main() -> None:
         return logits
 
     logits, c = cnn_forward(cnn, x_train[:64])
-    print(f"x {x_train[:64].shape} -> conv3x3 {c[0].linear.x.shape[:1] + (width, 8, 8)} (columns {c[0].linear.x.shape}) "
+    print(f"x {x_train[:64].shape} -> conv3x3 {(64, width, 8, 8)} (columns {c[0].linear.x.shape}) "
           f"-> ReLU -> 2x2/2 conv = patch_embed(P=2) {c[2].linear.x.shape[:2] + (2 * width,)} -> ReLU -> flatten "
           f"{(64, 16 * 2 * width)} -> head {logits.shape}")
     cnn_params = sum(v.size for v in cnn.values())
