@@ -339,7 +339,8 @@ class VisionTransformer:
             raise ValueError(f"{what} holds {int(bad.sum())} non-finite values (NaN/Inf), first at {where}")
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x, train: bool = False, rng=None, masks: dict | None = None, check_finite: bool = False):
+    def forward(self, x, train: bool = False, rng=None, masks: dict | None = None, check_finite: bool = False,
+                *, keep_cache: bool = True):
         """``x: (B, C, H, W) -> logits: (B, K)``.
 
         ``train`` switches dropout and drop path on. ``rng`` overrides the model's dropout
@@ -348,9 +349,12 @@ class VisionTransformer:
         propagate unless ``check_finite=True``, which raises with their count and place.
         A distilled model returns the mean of its two heads (DeiT's inference rule);
         :meth:`forward_distill` returns both. The caches are kept for :meth:`backward`
-        (and :meth:`attention_maps`).
+        (and :meth:`attention_maps`); the previous forward's caches are released first.
+        ``keep_cache=False`` (inference) keeps none: each layer's cache is freed as soon as
+        the next layer has run, which saves the memory of every activation (ViT-Ti/16,
+        batch 8: ~275 MB) and some time; backward and attention_maps then need a new forward.
         """
-        cls_logits, dist_logits = self._forward(x, train, rng, masks, check_finite)
+        cls_logits, dist_logits = self._forward(x, train, rng, masks, check_finite, keep_cache)
         if dist_logits is None:
             return cls_logits
         return (cls_logits + dist_logits) * 0.5
@@ -361,10 +365,11 @@ class VisionTransformer:
             raise ValueError("forward_distill needs a model built with distilled=True")
         return self._forward(x, train, rng, masks, False)
 
-    def _forward(self, x, train, rng, masks, check_finite):
+    def _forward(self, x, train, rng, masks, check_finite, keep_cache=True):
         self.check_images(x)
         if check_finite:
             self._check_finite(x, "images")
+        self._cache = None  # free the last forward's caches before this one makes its own
         c, p = self.config, self.params
         rng = self.rng if rng is None else rng
         masks = masks or {}
@@ -381,7 +386,8 @@ class VisionTransformer:
             x, block_cache = block_forward(
                 x, self._block_params(i), c.heads, c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
                 drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"))  # (B, N, D)
-            block_caches.append(block_cache)
+            if keep_cache:
+                block_caches.append(block_cache)
 
         norm_w, norm_b = p[f"{c.final_norm}.weight"], p[f"{c.final_norm}.bias"]
         if c.pool == "cls":
@@ -394,8 +400,9 @@ class VisionTransformer:
         head_names = ("head", "head_dist")[: len(pooled)]
         logits = [linear_forward(v, p[f"{h}.weight"], p[f"{h}.bias"]) for (v, _), h in zip(pooled, head_names)]
 
-        self._cache = ForwardCache(batch, patch_cache, prefix_cache, emb_cache, block_caches, norm_cache,
-                                   tuple(pc for _, pc in pooled), tuple(lc for _, lc in logits))
+        if keep_cache:
+            self._cache = ForwardCache(batch, patch_cache, prefix_cache, emb_cache, block_caches, norm_cache,
+                                       tuple(pc for _, pc in pooled), tuple(lc for _, lc in logits))
         cls_logits = logits[0][0]  # (B, K)
         dist_logits = logits[1][0] if len(logits) > 1 else None
         return cls_logits, dist_logits
@@ -405,30 +412,35 @@ class VisionTransformer:
         return {key: self.params.get(prefix + key) for key in BLOCK_KEYS}
 
     # ---------------------------------------------------------------- backward
-    def backward(self, dlogits):
+    def backward(self, dlogits, *, keep_cache: bool = True):
         """``dlogits: (B, K) = dL/dlogits -> dx: (B, C, H, W) = dL/dx``.
 
         Reads the caches of the last forward. ``self.grads`` is **overwritten** (not
         accumulated) with ``dL/dparam`` for every key of ``self.params``. For a distilled
         model ``dlogits`` is the gradient of the averaged logits that :meth:`forward` returned.
+        ``keep_cache=False`` frees each block's cache as soon as its backward has run, as
+        PyTorch frees its graph in ``backward()``: a training step's peak memory is then the
+        forward's, not the forward's plus every gradient; attention_maps and a second
+        backward then need a new forward.
         """
         self._check_upstream(dlogits, "dlogits")
         if self.config.distilled:
             half = dlogits * 0.5
-            return self._backward(half, half)
-        return self._backward(dlogits, None)
+            return self._backward(half, half, keep_cache)
+        return self._backward(dlogits, None, keep_cache)
 
-    def backward_distill(self, dcls_logits, ddist_logits):
+    def backward_distill(self, dcls_logits, ddist_logits, *, keep_cache: bool = True):
         """The backward of :meth:`forward_distill`: one ``(B, K)`` gradient per head."""
         if not self.config.distilled:
             raise ValueError("backward_distill needs a model built with distilled=True")
         self._check_upstream(dcls_logits, "dcls_logits")
         self._check_upstream(ddist_logits, "ddist_logits")
-        return self._backward(dcls_logits, ddist_logits)
+        return self._backward(dcls_logits, ddist_logits, keep_cache)
 
     def _check_upstream(self, d, name):
         if self._cache is None:
-            raise RuntimeError("backward called before forward: run forward(x) first")
+            raise RuntimeError("backward called before forward: run forward(x) first (a forward or backward "
+                               "with keep_cache=False keeps no caches)")
         expect = (self._cache.batch, self.config.num_classes)
         if not self.backend.owns(d):
             raise TypeError(f"{name} must be a {self.backend.name} array of shape {expect}, got {type(d).__name__}")
@@ -437,7 +449,7 @@ class VisionTransformer:
         if d.dtype != np.dtype(self.dtype):
             raise TypeError(f"{name} must be {self.dtype} like the model, got {d.dtype}")
 
-    def _backward(self, dcls_logits, ddist_logits):
+    def _backward(self, dcls_logits, ddist_logits, keep_cache=True):
         c, p, cache = self.config, self.params, self._cache
         g = {}
         dpooled = []
@@ -456,6 +468,8 @@ class VisionTransformer:
 
         for i in reversed(range(c.depth)):
             dx, block_grads = block_backward(dx, cache.blocks[i])  # (B, N, D)
+            if not keep_cache:
+                cache.blocks[i] = None  # free this block's activations now
             for key, value in block_grads.items():
                 if value is not None:
                     g[f"blocks.{i}.{key}"] = value
@@ -470,6 +484,8 @@ class VisionTransformer:
             g["dist_token"] = dprefix[1]
         dx, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = patch_embed_backward(dx, cache.patch_embed)
         self.grads = {k: g[k] for k in p}  # same keys and order as params
+        if not keep_cache:
+            self._cache = None
         return dx  # (B, C, H, W)
 
     # ---------------------------------------------------------------- introspection
