@@ -32,8 +32,8 @@ def main() -> None:
     print(f"x (B, C, H, W)                      {x.shape} {x.dtype}")
 
     _tour.banner("patching: (B, C, H, W) -> (B, Np, C*P*P)")
-    patches, patch_cache = patchify_forward(x, PATCH)  # (2, 196, 768)
-    grid_h, grid_w = patch_cache.grid_h, patch_cache.grid_w
+    patches, _ = patchify_forward(x, PATCH)  # (2, 196, 768)
+    grid_h, grid_w = x.shape[2] // PATCH, x.shape[3] // PATCH  # 14 x 14
     print(f"P = {PATCH}: grid {grid_h} x {grid_w} = Np = {grid_h * grid_w} patches of C*P*P = 3*{PATCH}*{PATCH} = "
           f"{3 * PATCH * PATCH} numbers")
     print(f"patches (B, Np, C*P*P)              {patches.shape}")

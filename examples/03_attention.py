@@ -84,12 +84,12 @@ def main() -> None:
         heads_out.append(att_h @ vh)  # (B, N, hs)
         head_maps.append(att_h[0])
     y_multi = np.concatenate(heads_out, axis=-1) @ proj_w.T + proj_b  # (B, N, NH*hs) = (B, N, D) -> (B, N, D)
-    out, cache = attention_forward(x, w_qkv.reshape(3 * DIM, DIM), None, proj_w, proj_b, heads=HEADS)
+    out, _ = attention_forward(x, w_qkv.reshape(3 * DIM, DIM), None, proj_w, proj_b, heads=HEADS)
     print(f"by hand: {HEADS} x (B, N, hs) -> concatenate -> (B, N, D) -> proj -> {y_multi.shape}")
     print(f"tinyvit: qkv (B, N, 3D) -> reshape (B, N, 3, NH, hs) -> q, k, v (B, NH, N, hs) -> att (B, NH, N, N) "
           f"-> {out.shape}")
     print(f"  max abs error {_tour.max_err(out, y_multi)[0]:.1e}; "
-          f"attention probabilities cached as {cache.att.out.shape}")
+          f"the attention probabilities are (B, NH, N, N) = {(batch, HEADS, n_tok, n_tok)}")
 
     _tour.banner("the backward, by hand (one head, the forward above read bottom-up)")
     dy = rng.standard_normal(y.shape)  # (B, N, hs): some upstream gradient dL/dy

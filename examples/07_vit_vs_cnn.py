@@ -188,10 +188,12 @@ def main() -> None:
         logits, caches["last"] = cnn_forward(cnn, x)
         return logits
 
-    logits, c = cnn_forward(cnn, x_train[:64])
-    print(f"x {x_train[:64].shape} -> conv3x3 {(64, width, 8, 8)} (columns {c[0].linear.x.shape}) "
-          f"-> ReLU -> 2x2/2 conv = patch_embed(P=2) {c[2].linear.x.shape[:2] + (2 * width,)} -> ReLU -> flatten "
-          f"{(64, 16 * 2 * width)} -> head {logits.shape}")
+    x = x_train[:64]  # (B, C, H, W) = (64, 1, 8, 8): the CNN's layers one by one, for their shapes
+    h1, _ = conv3x3_forward(x, cnn["conv1.weight"], cnn["conv1.bias"])  # (64, W1, 8, 8)
+    h2, _ = patch_embed_forward(relu_forward(h1)[0], cnn["conv2.weight"], cnn["conv2.bias"])  # (64, 16, W2)
+    logits, _ = cnn_forward(cnn, x)  # (64, K)
+    print(f"x {x.shape} -> conv3x3 {h1.shape} (columns {(64, 8, 8, 9)}) -> ReLU -> 2x2/2 conv = patch_embed(P=2) "
+          f"{h2.shape} -> ReLU -> flatten {(64, h2.shape[1] * h2.shape[2])} -> head {logits.shape}")
     cnn_params = sum(v.size for v in cnn.values())
     cnn_acc, cnn_time = train("CNN", cnn_fwd, lambda d: cnn_backward(d, caches["last"]), cnn, data, epochs, 64, 3e-3, 0)
 
