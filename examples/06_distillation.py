@@ -123,6 +123,15 @@ def main() -> None:
     print(f"test accuracy: teacher {np.mean(teacher_test == y_test):.3f}, distilled ViT (both heads) "
           f"{curves['acc_mean'][-1]:.3f}, plain ViT {curves['acc_plain'][-1]:.3f}; the student agrees with the "
           f"teacher on {np.mean((cls_test + dist_test).argmax(1) == teacher_test):.3f} of the test images")
+    def cosine(a, b) -> float:
+        a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    p = student.params
+    print(f"cosine(cls_token, dist_token) = {cosine(p['cls_token'], p['dist_token']):.2f}; "
+          f"cosine(head.weight, head_dist.weight) = {cosine(p['head.weight'], p['head_dist.weight']):.2f}")
+    print("the teacher agrees with the labels on most images, so trained long enough the two heads learn nearly the")
+    print("same map (DeiT reports its two tokens' outputs at cosine 0.93 after the last block)")
     print("one seed on a small data set. Over seeds 0, 1, 2 (see the docstring) the distilled student was 0 to 9")
     print("points below the plain ViT at 30 epochs, and 3 to 6 points above the same student without a teacher.")
 
