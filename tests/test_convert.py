@@ -304,3 +304,18 @@ def test_hf_deit_with_teacher_maps_both_tokens_and_heads():
     assert rel_err(ours.forward(x), ref) < RTOL64
     hub = from_tinyvit(ours.state_dict(), "hf")
     assert "deit.embeddings.distillation_token" in hub and "distillation_classifier.weight" in hub
+
+
+@needs_hf
+def test_hf_vit_b16_224_float32():
+    """The standard ViT-B/16 at 224 (transformers' default ViTConfig), float32, 1,000 classes:
+    heads come from the standard-size rule (768 -> 12), eps 1e-12 from the layout."""
+    torch.manual_seed(0)
+    ref_model = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=1000)).eval()
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_model(pixel_values=torch.tensor(x)).logits.numpy()
+    ours = tinyvit_from(ref_model.state_dict(), "float32")
+    assert (ours.config.heads, ours.config.depth, ours.config.patch_size) == (12, 12, 16)
+    err = rel_err(ours.forward(x), ref)
+    assert err < RTOL32, f"HF ViT-B/16 float32: logits rel err {err:.2e} > {RTOL32}"
