@@ -20,6 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
+from tinyvit.block import BLOCK_KEYS, block_forward
+from tinyvit.head import token_pool_forward
+from tinyvit.layernorm import layernorm_forward
+from tinyvit.linear import linear_forward
+from tinyvit.patch_embed import patch_embed_forward
+from tinyvit.tokens import add_pos_embed_forward, prepend_tokens_forward
 
 CONFIG = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64)
 
@@ -59,6 +65,34 @@ def torch_name(key: str) -> str:
     return key
 
 
+def walk_forward(m: VisionTransformer, x, logits) -> None:
+    """The forward of ``m.forward`` written out with the layer functions, printing each shape
+    (what ``tinyvit/model.py``'s ``_forward`` does, without dropout and the caches' bookkeeping)."""
+    p, c = m.params, m.config
+
+    def show(step: str, shape, letters: str) -> None:
+        print(f"  {step:36s} -> {str(tuple(shape)):16s} {letters}")
+
+    print(f"the forward, layer by layer, from x {x.shape}:")
+    h, _ = patch_embed_forward(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"])
+    show("patch_embed_forward", h.shape, "(B, Np, D)")
+    h, _ = prepend_tokens_forward(h, p["cls_token"])
+    show("prepend_tokens_forward (class token)", h.shape, "(B, N, D)")
+    h, _ = add_pos_embed_forward(h, p["pos_embed"])
+    show("add_pos_embed_forward", h.shape, "(B, N, D)")
+    for i in range(c.depth):
+        block = {k: p[f"blocks.{i}.{k}"] for k in BLOCK_KEYS}
+        h, _ = block_forward(h, block, c.heads, c.layer_norm_eps, norm_first=True)
+        show(f"block_forward (block {i})", h.shape, f"(B, N, D); inside: q, k, v (B, NH, N, hs) = "
+             f"{(x.shape[0], c.heads, c.num_tokens, c.dim // c.heads)}, att (B, NH, N, N)")
+    h, _ = layernorm_forward(h, p["norm.weight"], p["norm.bias"], c.layer_norm_eps)
+    show("layernorm_forward (norm)", h.shape, "(B, N, D)")
+    v, _ = token_pool_forward(h, 0)
+    show("token_pool_forward (class token)", v.shape, "(B, D)")
+    out, _ = linear_forward(v, p["head.weight"], p["head.bias"])
+    show("linear_forward (head)", out.shape, f"(B, K); equals m.forward(x): {np.allclose(out, logits, atol=1e-12)}")
+
+
 def main() -> None:
     args = _tour.parse_args(__doc__)
 
@@ -75,6 +109,7 @@ def main() -> None:
     print(f"config: P={c.patch_size} -> Np={c.num_patches}, N={c.num_tokens}, D={c.dim}, depth={c.depth}, "
           f"NH={c.heads}, hs={c.dim // c.heads}, F={c.mlp_dim}, K={c.num_classes}; {m.num_params():,} parameters")
     logits = m.forward(x)  # (B, K)
+    walk_forward(m, x, logits)
     loss, dlogits = softmax_cross_entropy(logits, y)  # scalar, (B, K)
     dx = m.backward(dlogits)  # (B, C, H, W); fills m.grads
     print(f"logits {logits.shape}, loss {float(loss):.6f}, dlogits {dlogits.shape}, dx {dx.shape}, "
