@@ -17,9 +17,11 @@ import sys
 # The tour's matrices are small (a few hundred rows): one BLAS thread does them faster than
 # many, and on a busy machine far faster (measured: a (96, 1088) @ (1088, 32) product took
 # 11.6 ms with OpenBLAS's default threads on a loaded 2-core machine, 0.17 ms with one).
-# Set before NumPy loads; a value already in the environment wins.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# It only works before NumPy loads (so a process that imported NumPy already, like the tests
+# loading a chapter as a module, is left alone); a value already in the environment wins.
+if "numpy" not in sys.modules:
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
 
