@@ -45,6 +45,7 @@ def torch_layer_matches_post_norm_block() -> None:
     _tour.banner("nn.TransformerEncoderLayer(norm_first=False) == tinyvit's post-norm block")
     dim, heads, mlp_dim, eps = 32, 4, 64, 1e-5  # PyTorch's default eps, as the tutorial
     rng = np.random.default_rng(0)
+    # one block's weights, random with std 0.2 (larger than timm's 0.02, so that every path matters)
     p = {k: 0.2 * rng.standard_normal(s) for k, s in {
         "norm1.weight": dim, "norm1.bias": dim, "attn.qkv.weight": (3 * dim, dim), "attn.qkv.bias": 3 * dim,
         "attn.proj.weight": (dim, dim), "attn.proj.bias": dim, "norm2.weight": dim, "norm2.bias": dim,

@@ -210,9 +210,11 @@ def main() -> None:
         ("small CNN", cnn_params, cnn_macs(1, 8, width, 10), cnn_acc[-1], cnn_time),
         ("ViT", vit.num_params(), forward_macs(vit.config), vit_acc[-1], vit_time),
     ]
-    print(f"{'model':10s} {'parameters':>11s} {'MACs/image':>11s} {'test acc':>9s} {'train time':>11s}")
+    print(f"{'model':10s} {'parameters':>11s} {'MACs/image':>11s} {'FLOPs/image':>12s} {'test acc':>9s} "
+          f"{'train time':>11s}")
     for name, n_params, macs, acc, seconds in rows:
-        print(f"{name:10s} {n_params:11,d} {macs:11,d} {acc:9.3f} {seconds:10.1f}s")
+        print(f"{name:10s} {n_params:11,d} {macs:11,d} {2 * macs:12,d} {acc:9.3f} {seconds:10.1f}s")
+    print("(forward, per image, matrix products only: a multiply-add is 1 MAC = 2 FLOPs; train time is wall clock)")
     print("Read with care: one seed, one small data set, two small models. The CNN's small shared kernels build in")
     print("locality and translation equivariance (the tutorial's 'strong inductive bias'); the ViT has to learn them")
     print(f"from {len(y_train):,} images, and with fewer parameters and MACs the CNN does better here, as the tutorial")
