@@ -42,16 +42,20 @@ class SoftmaxCache(NamedTuple):
 def softmax_forward(x):
     """``x: (..., N) -> out: (..., N)``, rows sum to 1; max-subtracted so exp never overflows."""
     xp = array_module(x)
-    shifted = x - x.max(axis=-1, keepdims=True)  # (..., N), max 0
-    exp = xp.exp(shifted)
-    out = exp / exp.sum(axis=-1, keepdims=True)
+    out = x - x.max(axis=-1, keepdims=True)  # (..., N): shifted, max 0; then exp and normalise in place
+    xp.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
     return out, SoftmaxCache(out)
 
 
 def softmax_backward(dout, cache: SoftmaxCache):
     """``dout: (..., N) -> dx: (..., N)``: ``s * (dout - sum(dout * s))`` row by row."""
     s = cache.out
-    return s * (dout - (dout * s).sum(axis=-1, keepdims=True))
+    xp = array_module(s)
+    dot = xp.einsum("...j,...j->...", dout, s)[..., None]  # (..., 1): sum(dout * s), without an (..., N) temporary
+    dx = dout - dot  # (..., N)
+    dx *= s
+    return dx
 
 
 class AttentionCache(NamedTuple):
@@ -81,7 +85,8 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: fl
     qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)  # (B, N, D) @ (D, 3D) -> (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, N, hs) each
-    scores = (q @ k.swapaxes(-1, -2)) * scale  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
+    scores = q @ k.swapaxes(-1, -2)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
+    scores *= scale
     att, att_cache = softmax_forward(scores)  # (B, NH, N, N)
     att_d, drop_cache = dropout_forward(att, attn_drop, train, rng, attn_mask)  # (B, NH, N, N)
     y = att_d @ v  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
@@ -106,11 +111,17 @@ def attention_backward(dout, cache: AttentionCache):
     # att_d = dropout(att); att = softmax(scores)
     datt = dropout_backward(datt_d, cache.att_dropout)
     dscores = softmax_backward(datt, cache.att)  # (B, NH, N, N)
+    del datt_d, datt  # (B, NH, N, N) each: free them before the next products
     # scores = q @ k^T * scale
-    dq = (dscores @ cache.k) * scale  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
-    dk = (dscores.swapaxes(-1, -2) @ cache.q) * scale  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
-    # qkv.reshape(B, N, 3, NH, hs).transpose(2, 0, 3, 1, 4) undone
-    dqkv = xp.stack([dq, dk, dv])  # (3, B, NH, N, hs)
-    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * dim)  # (B, N, 3, NH, hs) -> (B, N, 3D)
+    dq = dscores @ cache.k  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    dq *= scale
+    dk = dscores.swapaxes(-1, -2) @ cache.q  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    dk *= scale
+    # qkv.reshape(B, N, 3, NH, hs).transpose(2, 0, 3, 1, 4) undone: each of dq, dk, dv into its slot
+    dqkv = xp.empty((batch, tokens, 3, heads, head_size), dtype=dout.dtype)  # (B, N, 3, NH, hs)
+    for i, d in enumerate((dq, dk, dv)):
+        dqkv[:, :, i] = d.transpose(0, 2, 1, 3)  # (B, NH, N, hs) -> (B, N, NH, hs)
+    del dscores, dq, dk, dv, d  # free them before the qkv backward (the step's peak memory is here)
+    dqkv = dqkv.reshape(batch, tokens, 3 * dim)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)  # (B, N, D)
     return dx, dqkv_w, dqkv_b, dproj_w, dproj_b

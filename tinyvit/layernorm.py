@@ -37,22 +37,29 @@ def layernorm_forward(x, w, b, eps: float):
     xp = array_module(x)
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     centered = x - mean  # (..., D)
-    var = (centered * centered).mean(axis=-1, keepdims=True)  # (..., 1)
+    var = xp.einsum("...i,...i->...", centered, centered)[..., None] / x.shape[-1]  # (..., 1): mean of squares
     rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-    x_hat = centered * rstd  # (..., D)
-    out = x_hat * w + b  # (..., D)
+    x_hat = centered  # the same buffer, normalised in place: (x - mean) * rstd
+    x_hat *= rstd  # (..., D)
+    out = x_hat * w  # (..., D)
+    out += b
     return out, LayerNormCache(x_hat, rstd, w)
 
 
 def layernorm_backward(dout, cache: LayerNormCache):
     """``dout: (..., D) -> dx: (..., D), dw: (D,), db: (D,)``."""
     x_hat, rstd, w = cache
+    xp = array_module(x_hat)
     dim = x_hat.shape[-1]
     dout_2d = dout.reshape(-1, dim)  # (M, D)
     dw = (dout_2d * x_hat.reshape(-1, dim)).sum(axis=0)  # (D,)
     db = dout_2d.sum(axis=0)  # (D,)
     dx_hat = dout * w  # (..., D)
     mean_dx_hat = dx_hat.mean(axis=-1, keepdims=True)  # (..., 1)
-    mean_dx_hat_x_hat = (dx_hat * x_hat).mean(axis=-1, keepdims=True)  # (..., 1)
-    dx = rstd * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)  # (..., D)
+    mean_dx_hat_x_hat = xp.einsum("...i,...i->...", dx_hat, x_hat)[..., None] / dim  # (..., 1)
+    # dx = rstd * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat), built in dx_hat's buffer
+    dx = dx_hat
+    dx -= mean_dx_hat
+    dx -= x_hat * mean_dx_hat_x_hat
+    dx *= rstd  # (..., D)
     return dx, dw, db
