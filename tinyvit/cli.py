@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "tinyvit.info",
     "tinyvit.train",
     "tinyvit.pretrained",
+    "tinyvit.benchmark",
 )
 
 

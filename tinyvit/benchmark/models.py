@@ -154,10 +154,10 @@ def make_engines(config, batch, dtype, backends, skipped: dict) -> dict:
 
 
 def bench_model(model, batch: int, dtype: str, backends, repeats: int, peak_flops: float | None,
-                memory: bool = True, split: bool = False, check: bool = True) -> dict:
+                memory: bool = True, split: bool = False, check: bool = True, name: str | None = None) -> dict:
     """Train step and inference of one model at one batch size on every backend, interleaved."""
     config = build_config(model)
-    name = model if isinstance(model, str) else "custom"
+    name = name or (model if isinstance(model, str) else "custom")
     skipped = {}
     engines = make_engines(config, batch, dtype, backends, skipped)
     errors = check_engines(engines, dtype) if check and len(engines) > 1 else {}
@@ -296,7 +296,7 @@ def token_sweep(model: str, image_sizes, batch: int, dtype: str, backends, repea
         split = layer_split(engines["numpy"]) if "numpy" in engines else {}
         attn_time = sum(v for k, v in split.items() if k.startswith("attention core") or k == "softmax")
         for e, t in times.items():
-            rows.append({"model": model, "image_size": size, "tokens": config.num_tokens, "batch": batch,
+            rows.append({"model": model if isinstance(model, str) else "custom", "image_size": size, "tokens": config.num_tokens, "batch": batch,
                          "backend": e, **t.to_dict(), "attention_flop_share": flops.attention_share(config),
                          "numpy_attention_time_share": attn_time / split["total"] if split else None})
     return rows

@@ -1,0 +1,332 @@
+"""Per-layer benchmarks, forward and backward, at the shapes of real ViTs.
+
+Each layer is a *case*: inputs built on the host, the tinyvit forward/backward, the same
+layer in eager PyTorch, and for NumPy the *variants* that were tried (dev/cuda style:
+the engine's version plus the losers, kept so the numbers can be re-measured). Every
+variant's output is compared with PyTorch's before anything is timed.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from .. import flops
+from ..attention import attention_backward, attention_forward, softmax_backward, softmax_forward
+from ..backend import get_backend
+from ..block import BLOCK_KEYS, block_backward, block_forward
+from ..gelu import GeluCache, gelu_backward, gelu_forward, gelu_reference_backward, gelu_reference_forward
+from ..layernorm import layernorm_backward, layernorm_forward
+from ..linear import linear_backward, linear_forward
+from ..mlp import mlp_backward, mlp_forward
+from ..patch_embed import patch_embed_backward, patch_embed_forward
+from . import timing, torch_ref
+
+LAYERS = ("patch_embed", "linear", "layernorm", "gelu", "gelu_tanh", "softmax", "attention", "mlp", "block")
+
+# (rows compared) tolerance of tinyvit float32 vs PyTorch float32, max|a-b| / max|b|
+TOL = {"float32": 1e-4, "float64": 1e-10}
+
+
+@contextmanager
+def fused(on: bool):
+    """Run with the fused kernels on or off (``TINYVIT_FUSED``), restoring the setting after."""
+    old = os.environ.get("TINYVIT_FUSED")
+    os.environ["TINYVIT_FUSED"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TINYVIT_FUSED", None)
+        else:
+            os.environ["TINYVIT_FUSED"] = old
+
+
+# ---------------------------------------------------------------- the losing NumPy variants
+def linear_stacked_forward(x, w, b):
+    """What NumPy does with ``x @ w.T`` for a 3-D ``x``: B products of (N, in) @ (in, out)."""
+    return x @ w.T + b
+
+
+def softmax_plain_forward(x):
+    """The first version: three (..., N) temporaries (shifted, exp, out)."""
+    np_ = np
+    shifted = x - x.max(axis=-1, keepdims=True)
+    e = np_.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def softmax_plain_backward(dout, s):
+    return s * (dout - (dout * s).sum(axis=-1, keepdims=True))
+
+
+def attention_scores_einsum(q, k, scale):
+    """``q @ k^T`` through einsum: NumPy's einsum does not reach BLAS for batched products."""
+    return np.einsum("bhnd,bhmd->bhnm", q, k) * scale
+
+
+# ---------------------------------------------------------------- cases
+def _rng_arrays(seed, *shapes, dtype):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def _block_params(dim, hidden, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+              "attn.qkv.bias": (3 * dim,), "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+              "norm2.weight": (dim,), "norm2.bias": (dim,), "mlp.fc1.weight": (hidden, dim),
+              "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (dim, hidden), "mlp.fc2.bias": (dim,)}
+    p = {}
+    for k, s in shapes.items():
+        if k.endswith("norm1.weight") or k.endswith("norm2.weight"):
+            p[k] = (1.0 + 0.1 * rng.standard_normal(s)).astype(dtype)
+        else:
+            p[k] = (0.02 * rng.standard_normal(s) * (5.0 if k.endswith("bias") else 1.0)).astype(dtype)
+    return p
+
+
+class Case:
+    """One layer at one shape: host inputs, and functions per engine."""
+
+    def __init__(self, layer: str, model: str, batch: int, dtype: str, shape_cfg: dict | None = None):
+        cfg = dict(flops.PRESETS[model]) if shape_cfg is None else dict(shape_cfg)
+        self.layer, self.model, self.batch, self.dtype = layer, model, batch, dtype
+        b, d, f, nh = batch, cfg["dim"], cfg["mlp_dim"], cfg["heads"]
+        p_size, img = cfg["patch_size"], cfg["image_size"]
+        n = (img // p_size) ** 2 + 1
+        self.tokens, self.dim, self.heads, self.hidden = n, d, nh, f
+        self.kwargs = {}
+        if layer == "patch_embed":
+            x, w, bias = _rng_arrays(0, (b, 3, img, img), (d, 3, p_size, p_size), (d,), dtype=dtype)
+            self.inputs, self.out_shape = {"x": x, "w": w * 0.05, "b": bias}, (b, n - 1, d)
+            self.shape = f"({b}, 3, {img}, {img}) -> ({b}, {n - 1}, {d})"
+            fl = flops.linear_flops(b * (n - 1), 3 * p_size * p_size, d)
+        elif layer == "linear":
+            x, w, bias = _rng_arrays(0, (b, n, d), (f, d), (f,), dtype=dtype)
+            self.inputs, self.out_shape = {"x": x, "w": w * 0.05, "b": bias}, (b, n, f)
+            self.shape = f"({b}, {n}, {d}) @ ({d}, {f})"
+            fl = flops.linear_flops(b * n, d, f)
+        elif layer == "layernorm":
+            x, w, bias = _rng_arrays(0, (b, n, d), (d,), (d,), dtype=dtype)
+            self.inputs, self.out_shape = {"x": x * 2.0 + 0.5, "w": w, "b": bias}, (b, n, d)
+            self.shape = f"({b}, {n}, {d})"
+            fl = flops.elementwise_flops("layernorm", b * n * d)
+        elif layer in ("gelu", "gelu_tanh"):
+            (x,) = _rng_arrays(0, (b, n, f), dtype=dtype)
+            self.inputs, self.out_shape = {"x": x * 2.0}, (b, n, f)
+            self.shape = f"({b}, {n}, {f})"
+            fl = flops.elementwise_flops("gelu", b * n * f)
+        elif layer == "softmax":
+            (x,) = _rng_arrays(0, (b, nh, n, n), dtype=dtype)
+            self.inputs, self.out_shape = {"x": x * 3.0}, (b, nh, n, n)
+            self.shape = f"({b}, {nh}, {n}, {n})"
+            fl = flops.elementwise_flops("softmax", b * nh * n * n)
+        elif layer in ("attention", "mlp", "block"):
+            (x,) = _rng_arrays(0, (b, n, d), dtype=dtype)
+            self.inputs, self.out_shape = {"x": x}, (b, n, d)
+            self.params = _block_params(d, f, dtype)
+            self.shape = f"({b}, {n}, {d}), NH={nh}, F={f}"
+            fl = {"attention": flops.attention_flops(b, n, d), "mlp": flops.mlp_flops(b, n, d, f),
+                  "block": flops.block_flops(b, n, d, f)}[layer]
+        else:
+            raise ValueError(f"unknown layer {layer!r}; layers: {LAYERS}")
+        self.flops = {"forward": fl[0], "backward": fl[1]}
+        self.dout = _rng_arrays(7, self.out_shape, dtype=dtype)[0]
+
+    # ------------------------------------------------------------ tinyvit
+    def tinyvit_fns(self, backend_name: str, variant: str = "tinyvit"):
+        """``(forward() -> out, backward() -> dx)`` on a backend; backward reuses one forward's cache."""
+        be = get_backend(backend_name)
+        a = {k: be.asarray(v) for k, v in self.inputs.items()}
+        dout = be.asarray(self.dout)
+        p = {k: be.asarray(v) for k, v in getattr(self, "params", {}).items()}
+        layer, heads = self.layer, self.heads
+        if layer == "patch_embed":
+            fwd = lambda: patch_embed_forward(a["x"], a["w"], a["b"])  # noqa: E731
+            bwd = lambda c: patch_embed_backward(dout, c)[0]  # noqa: E731
+        elif layer == "linear":
+            if variant == "stacked 3-D matmul":
+                fwd = lambda: (linear_stacked_forward(a["x"], a["w"], a["b"]), None)  # noqa: E731
+                bwd = None
+            else:
+                fwd = lambda: linear_forward(a["x"], a["w"], a["b"])  # noqa: E731
+                bwd = lambda c: linear_backward(dout, c)[0]  # noqa: E731
+        elif layer == "layernorm":
+            fwd = lambda: layernorm_forward(a["x"], a["w"], a["b"], 1e-6)  # noqa: E731
+            bwd = lambda c: layernorm_backward(dout, c)[0]  # noqa: E731
+        elif layer in ("gelu", "gelu_tanh"):
+            approx = "none" if layer == "gelu" else "tanh"
+            if variant == "reference (plain formula)":
+                fwd = lambda: (gelu_reference_forward(a["x"], approx), GeluCache(a["x"], approx))  # noqa: E731
+                bwd = lambda c: gelu_reference_backward(dout, c)  # noqa: E731
+            else:
+                fwd = lambda: gelu_forward(a["x"], approx)  # noqa: E731
+                bwd = lambda c: gelu_backward(dout, c)  # noqa: E731
+        elif layer == "softmax":
+            if variant == "plain (3 temporaries)":
+                fwd = lambda: (lambda s: (s, s))(softmax_plain_forward(a["x"]))  # noqa: E731
+                bwd = lambda s: softmax_plain_backward(dout, s)  # noqa: E731
+            else:
+                fwd = lambda: softmax_forward(a["x"])  # noqa: E731
+                bwd = lambda c: softmax_backward(dout, c)  # noqa: E731
+        elif layer == "attention":
+            if variant == "scores by einsum":
+                def fwd():
+                    q = a["x"].reshape(self.batch, self.tokens, heads, -1).transpose(0, 2, 1, 3)
+                    return attention_scores_einsum(q, q, 1.0 / math.sqrt(q.shape[-1])), None
+                bwd = None
+            else:
+                fwd = lambda: attention_forward(a["x"], p["attn.qkv.weight"], p["attn.qkv.bias"],  # noqa: E731
+                                                p["attn.proj.weight"], p["attn.proj.bias"], heads)
+                bwd = lambda c: attention_backward(dout, c)[0]  # noqa: E731
+        elif layer == "mlp":
+            fwd = lambda: mlp_forward(a["x"], p["mlp.fc1.weight"], p["mlp.fc1.bias"], p["mlp.fc2.weight"],  # noqa: E731
+                                      p["mlp.fc2.bias"])
+            bwd = lambda c: mlp_backward(dout, c)[0]  # noqa: E731
+        else:
+            fwd = lambda: block_forward(a["x"], {k: p[k] for k in BLOCK_KEYS}, heads, 1e-6)  # noqa: E731
+            bwd = lambda c: block_backward(dout, c)[0]  # noqa: E731
+        return be, fwd, bwd
+
+    # ------------------------------------------------------------ PyTorch
+    def torch_fns(self, device: str):
+        torch = torch_ref.import_torch()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("PyTorch sees no CUDA device")
+        F = torch.nn.functional
+        t = {k: torch.tensor(v, device=device, requires_grad=(k == "x")) for k, v in self.inputs.items()}
+        p = {k: torch.tensor(v, device=device) for k, v in getattr(self, "params", {}).items()}
+        dout = torch.tensor(self.dout, device=device)
+        layer, heads = self.layer, self.heads
+        if layer == "patch_embed":
+            f = lambda: F.conv2d(t["x"], t["w"], t["b"], stride=t["w"].shape[-1]).flatten(2).transpose(1, 2)  # noqa: E731
+        elif layer == "linear":
+            f = lambda: F.linear(t["x"], t["w"], t["b"])  # noqa: E731
+        elif layer == "layernorm":
+            f = lambda: F.layer_norm(t["x"], (self.dim,), t["w"], t["b"], 1e-6)  # noqa: E731
+        elif layer in ("gelu", "gelu_tanh"):
+            f = lambda: F.gelu(t["x"], approximate="none" if layer == "gelu" else "tanh")  # noqa: E731
+        elif layer == "softmax":
+            f = lambda: t["x"].softmax(dim=-1)  # noqa: E731
+        elif layer == "attention":
+            f = lambda: torch_ref.attention(t["x"], p, "", heads, torch)  # noqa: E731
+        elif layer == "mlp":
+            f = lambda: torch_ref.mlp(t["x"], p, "", "none", torch)  # noqa: E731
+        else:
+            f = lambda: torch_ref.block(t["x"], p, "", heads, 1e-6, "none", torch)  # noqa: E731
+
+        def fwd():
+            with torch.no_grad():
+                return f()
+
+        out = f()
+
+        def bwd():
+            return torch.autograd.grad(out, t["x"], dout, retain_graph=True)[0]
+
+        return torch, fwd, bwd, out, bwd
+
+    def torch_reference(self):
+        """PyTorch CPU output and dx on the host, float64 arrays: the check every variant must pass."""
+        torch, fwd, bwd, out, _ = self.torch_fns("cpu")
+        return out.detach().double().numpy(), bwd().double().numpy()
+
+
+def _host(x):
+    if hasattr(x, "detach"):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(get_backend("cupy").to_host(x) if not isinstance(x, np.ndarray) else x, dtype=np.float64)
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+NUMPY_VARIANTS = {
+    "linear": ("stacked 3-D matmul",),
+    "gelu": ("reference (plain formula)",),
+    "gelu_tanh": ("reference (plain formula)",),
+    "softmax": ("plain (3 temporaries)",),
+    "attention": ("scores by einsum",),
+}
+
+
+def bench_layer(case: Case, backends, repeats: int, skipped: dict) -> list:
+    """Forward and backward of one case on every backend and NumPy variant, checked, then timed interleaved."""
+    ref_out = ref_dx = None
+    try:
+        ref_out, ref_dx = case.torch_reference()
+    except RuntimeError as exc:
+        skipped["torch-cpu"] = str(exc)
+    runs = {}  # name -> (kind, fwd, bwd, xp)
+    for backend in backends:
+        try:
+            if backend in ("numpy", "cupy"):
+                variants = ["tinyvit"] + (list(NUMPY_VARIANTS.get(case.layer, ())) if backend == "numpy" else [])
+                for v in variants:
+                    be, fwd, bwd = case.tinyvit_fns(backend, v)
+                    xp = be.xp if backend == "cupy" else None
+                    runs[backend if v == "tinyvit" else f"{backend}: {v}"] = (fwd, bwd, xp)
+            else:
+                torch, fwd, bwd, _, _ = case.torch_fns("cuda" if backend == "torch-cuda" else "cpu")
+                runs[backend] = (fwd, bwd, None)
+        except RuntimeError as exc:
+            skipped[backend] = str(exc)
+    rows = []
+    checks = {}
+    caches = {}
+    for name, (fwd, bwd, xp) in runs.items():
+        out, cache = (fwd(), None) if name.startswith("torch") else fwd()
+        caches[name] = cache
+        if ref_out is None:
+            continue
+        if case.layer == "attention" and "einsum" in name:
+            # checks q k^T against the engine's own product on the same input
+            q = case.inputs["x"].astype(np.float64).reshape(case.batch, case.tokens, case.heads, -1).transpose(0, 2, 1, 3)
+            want = q @ q.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+            checks[name] = _rel(_host(out), want)
+        else:
+            checks[name] = _rel(_host(out), ref_out)
+            if bwd is not None:
+                dx = bwd() if name.startswith("torch") else bwd(cache)
+                checks[name] = max(checks[name], _rel(_host(dx), ref_dx))
+        if checks[name] > TOL[case.dtype]:
+            raise AssertionError(f"{case.layer} {name}: relative error {checks[name]:.1e} vs PyTorch "
+                                 f"> {TOL[case.dtype]:.0e}; not timing a wrong result")
+    for pass_ in ("forward", "backward"):
+        fns, xps = {}, {}
+        for name, (fwd, bwd, xp) in runs.items():
+            if pass_ == "forward":
+                fns[name] = fwd
+            elif bwd is not None:
+                fns[name] = bwd if name.startswith("torch") else (lambda b=bwd, c=caches[name]: b(c))
+            xps[name] = xp
+        times = timing.time_calls(fns, repeats, warmup=1, xp_of=xps.get)
+        torch_median = times["torch-cpu"].median if "torch-cpu" in times else None
+        for name, t in times.items():
+            rows.append({"layer": case.layer, "model": case.model, "batch": case.batch, "shape": case.shape,
+                         "dtype": case.dtype, "pass": pass_, "backend": name, **t.to_dict(),
+                         "gflops": case.flops[pass_] / t.median / 1e9, "check_rel_err": checks.get(name),
+                         "vs_torch_cpu": t.median / torch_median if torch_median else None})
+    return rows
+
+
+def crossover(layer: str, model: str, batches, dtype: str, repeats: int) -> dict:
+    """The smallest batch at which tinyvit on CuPy beats tinyvit on NumPy, forward + backward."""
+    out = {}
+    for b in batches:
+        case = Case(layer, model, b, dtype)
+        times = {}
+        for backend in ("numpy", "cupy"):
+            be, fwd, bwd = case.tinyvit_fns(backend)
+            _, cache = fwd()
+            step = (lambda f=fwd, g=bwd, c=cache: (f(), g(c) if g else None))
+            xp = be.xp if backend == "cupy" else None
+            times[backend] = timing.time_calls({backend: step}, repeats, 1, lambda n, x=xp: x)[backend].median
+        out[b] = times
+        if times["cupy"] < times["numpy"]:
+            return {"batch": b, "elements": int(np.prod(case.out_shape)), "times": out}
+    return {"batch": None, "times": out}
