@@ -107,21 +107,22 @@ def attention_backward(dout, cache: AttentionCache):
     dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
     # y = att_d @ v
     datt_d = dy @ cache.v.swapaxes(-1, -2)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
-    dv = cache.att_d.swapaxes(-1, -2) @ dy  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
     # att_d = dropout(att); att = softmax(scores)
     datt = dropout_backward(datt_d, cache.att_dropout)
     dscores = softmax_backward(datt, cache.att)  # (B, NH, N, N)
-    del datt_d, datt  # (B, NH, N, N) each: free them before the next products
-    # scores = q @ k^T * scale
-    dq = dscores @ cache.k  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
-    dq *= scale
-    dk = dscores.swapaxes(-1, -2) @ cache.q  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
-    dk *= scale
-    # qkv.reshape(B, N, 3, NH, hs).transpose(2, 0, 3, 1, 4) undone: each of dq, dk, dv into its slot
+    del datt_d, datt  # (B, NH, N, N): freed before dqkv is made (the step's peak memory is in here)
+    # dq, dk, dv are written straight into their slots of dqkv, the layout of the qkv output:
+    # qkv.reshape(B, N, 3, NH, hs).transpose(2, 0, 3, 1, 4) undone
     dqkv = xp.empty((batch, tokens, 3, heads, head_size), dtype=dout.dtype)  # (B, N, 3, NH, hs)
-    for i, d in enumerate((dq, dk, dv)):
-        dqkv[:, :, i] = d.transpose(0, 2, 1, 3)  # (B, NH, N, hs) -> (B, N, NH, hs)
-    del dscores, dq, dk, dv, d  # free them before the qkv backward (the step's peak memory is here)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, NH, N, hs) views
+    xp.matmul(cache.att_d.swapaxes(-1, -2), dy, out=dv)  # dv = att_d^T @ dy: (B, NH, N, N) @ (B, NH, N, hs)
+    del dy
+    # scores = q @ k^T * scale
+    xp.matmul(dscores, cache.k, out=dq)  # dq = dscores @ k: (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    dq *= scale
+    xp.matmul(dscores.swapaxes(-1, -2), cache.q, out=dk)  # dk = dscores^T @ q -> (B, NH, N, hs)
+    dk *= scale
+    del dscores
     dqkv = dqkv.reshape(batch, tokens, 3 * dim)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)  # (B, N, D)
     return dx, dqkv_w, dqkv_b, dproj_w, dproj_b

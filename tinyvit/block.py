@@ -117,6 +117,7 @@ def block_backward(dout, cache: BlockCache):
         df = mlp_branch_backward(dout)
         df, g["norm2.weight"], g["norm2.bias"] = layernorm_backward(df, cache.norm2)
         dh = dout + df
+        del df  # (B, N, D): not needed past the residual; freed before the attention's backward
         # h = x + attention_branch(norm1(x))
         da = attention_branch_backward(dh)
         da, g["norm1.weight"], g["norm1.bias"] = layernorm_backward(da, cache.norm1)

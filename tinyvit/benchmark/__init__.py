@@ -31,7 +31,7 @@ import time
 
 from .. import flops
 
-QUICK = {"layers": ("vit_ti16",), "models": ("vit_ti16",), "batches": (8,), "repeats": 3}
+QUICK = {"layers": ("vit_ti16",), "models": ("vit_ti16",), "batches": (8,), "repeats": 5}
 FULL = {"layers": ("vit_ti16", "vit_s16", "vit_b16"), "models": ("cifar", "vit_ti16", "vit_s16", "vit_b16"),
         "batches": (1, 8, 32), "repeats": 5}
 # The seconds-long form for CI: tiny shapes, one repeat, every variant still checked.
