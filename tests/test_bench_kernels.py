@@ -83,3 +83,14 @@ def test_gelu_cupy_kernel_equals_reference(approximate):
     dfast = kernels.gelu_backward(be.asarray(dout), be.asarray(x), approximate)
     _close(be.to_host(fast), ref, "cupy forward")
     _close(be.to_host(dfast), dref, "cupy backward")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_threads_give_the_same_bits(approximate, monkeypatch):
+    x, dout = _inputs((5, kernels.BLOCK // 2 + 3))  # several blocks, the last one short
+    monkeypatch.setenv("TINYVIT_THREADS", "1")
+    one = kernels.gelu_forward(x, approximate), kernels.gelu_backward(dout, x, approximate)
+    monkeypatch.setenv("TINYVIT_THREADS", "3")
+    three = kernels.gelu_forward(x, approximate), kernels.gelu_backward(dout, x, approximate)
+    np.testing.assert_array_equal(one[0], three[0])
+    np.testing.assert_array_equal(one[1], three[1])

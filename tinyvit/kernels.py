@@ -17,6 +17,10 @@ multiply-adds), in place, block by block so every pass stays in the L2 cache. It
 used for float32 only: float64 keeps the exact ``erf``. On CuPy the same layers are one
 ``ElementwiseKernel`` each (CUDA's own ``erff``/``tanhf``).
 
+The blocks are shared out over a small thread pool (NumPy's ufuncs release the GIL), as
+PyTorch runs its elementwise kernels on its intra-op threads; ``TINYVIT_THREADS`` sets
+how many (default: the cores this process may use, at most 8).
+
 Set ``TINYVIT_FUSED=0`` to run the plain references everywhere (the benchmarks do, to
 time both).
 
@@ -67,6 +71,44 @@ def _blocks(*arrays):
     return flats, [slice(i, i + BLOCK) for i in range(0, flats[0].size, BLOCK)]
 
 
+def threads() -> int:
+    """Worker threads for the CPU kernels: ``TINYVIT_THREADS``, else the cores this process may use."""
+    wanted = os.environ.get("TINYVIT_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 8))
+    except AttributeError:  # not on Linux
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="tinyvit-kernel")
+
+
+def _for_blocks(blocks, work) -> None:
+    """Run ``work(block_slices, t, e)`` over contiguous groups of blocks, one group per thread.
+
+    NumPy's ufuncs release the GIL, so the groups run in parallel; each thread gets its
+    own two scratch buffers ``t``, ``e`` of one block.
+    """
+    def group(part):
+        t = np.empty(BLOCK, np.float32)
+        e = np.empty(BLOCK, np.float32)
+        work(part, t, e)
+
+    n = min(threads(), len(blocks))
+    if n <= 1:
+        group(blocks)
+        return
+    parts = [blocks[i::n] for i in range(n)]
+    for future in [_pool(n).submit(group, part) for part in parts]:
+        future.result()
+
+
 def _erfc_abs_times(x, t, e, out):
     """``out = erfc(|x| / sqrt 2)`` (A&S 7.1.26), leaving ``e = exp(-x^2 / 2)``; ``t`` is scratch."""
     np.abs(x, out=t)
@@ -98,28 +140,30 @@ def gelu_forward(x, approximate: str):
         return None
     (xf,), blocks = _blocks(x)
     out = np.empty_like(xf)
-    t = np.empty(min(BLOCK, xf.size), np.float32)
-    e = np.empty_like(t)
-    for s in blocks:
-        xs, o = xf[s], out[s]
-        ts, es = t[: xs.size], e[: xs.size]
-        if approximate == "none":
-            # 0.5 x (1 + erf(z)) = 0.5 (x + |x| - |x| erfc(|z|))
-            _erfc_abs_times(xs, ts, es, o)
-            np.abs(xs, out=es)
-            o *= es
-            np.subtract(es, o, out=o)
-        else:
-            # 0.5 x (1 + tanh(sqrt(2/pi) (x + c x^3)))
-            np.square(xs, out=ts)
-            ts *= _TANH_C
-            ts += 1.0
-            ts *= xs
-            ts *= _SQRT_2_OVER_PI
-            np.tanh(ts, out=o)
-            o *= xs
-        o += xs
-        o *= 0.5
+
+    def work(part, t, e):
+        for s in part:
+            xs, o = xf[s], out[s]
+            ts, es = t[: xs.size], e[: xs.size]
+            if approximate == "none":
+                # 0.5 x (1 + erf(z)) = 0.5 (x + |x| - |x| erfc(|z|))
+                _erfc_abs_times(xs, ts, es, o)
+                np.abs(xs, out=es)
+                o *= es
+                np.subtract(es, o, out=o)
+            else:
+                # 0.5 x (1 + tanh(sqrt(2/pi) (x + c x^3)))
+                np.square(xs, out=ts)
+                ts *= _TANH_C
+                ts += 1.0
+                ts *= xs
+                ts *= _SQRT_2_OVER_PI
+                np.tanh(ts, out=o)
+                o *= xs
+            o += xs
+            o *= 0.5
+
+    _for_blocks(blocks, work)
     return out.reshape(x.shape)
 
 
@@ -134,9 +178,12 @@ def gelu_backward(dout, x, approximate: str):
         return None
     (xf, df), blocks = _blocks(x, dout)
     out = np.empty_like(xf)
-    t = np.empty(min(BLOCK, xf.size), np.float32)
-    e = np.empty_like(t)
-    for s in blocks:
+    _for_blocks(blocks, lambda part, t, e: _gelu_backward_blocks(part, xf, df, out, t, e, approximate))
+    return out.reshape(x.shape)
+
+
+def _gelu_backward_blocks(part, xf, df, out, t, e, approximate):
+    for s in part:
         xs, ds, o = xf[s], df[s], out[s]
         ts, es = t[: xs.size], e[: xs.size]
         if approximate == "none":
@@ -168,7 +215,6 @@ def gelu_backward(dout, x, approximate: str):
             o += 1.0
             o *= 0.5
         o *= ds
-    return out.reshape(x.shape)
 
 
 @functools.lru_cache(maxsize=None)
