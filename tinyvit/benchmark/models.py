@@ -198,18 +198,17 @@ def _synced(fn, engine):
 
 
 # ---------------------------------------------------------------- where the time goes
-# tinyvit's layer functions -> the row they belong to (their own time, excluding callees).
+# tinyvit's layer functions (file, function) -> the row their cumulative time goes to.
 TINYVIT_SPLIT = {
-    "linear_forward": "linear", "linear_backward": "linear",
-    "attention_forward": "attention core (q k^T, att v, reshapes)",
-    "attention_backward": "attention core (q k^T, att v, reshapes)",
-    "softmax_forward": "softmax", "softmax_backward": "softmax",
-    "gelu_forward": "gelu", "gelu_backward": "gelu", "erf": "gelu",
-    "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
+    ("linear.py", "linear_forward"): "linear", ("linear.py", "linear_backward"): "linear",
+    ("attention.py", "softmax_forward"): "softmax", ("attention.py", "softmax_backward"): "softmax",
+    ("gelu.py", "gelu_forward"): "gelu", ("gelu.py", "gelu_backward"): "gelu",
+    ("layernorm.py", "layernorm_forward"): "layernorm", ("layernorm.py", "layernorm_backward"): "layernorm",
 }
+ATTENTION_CORE = "attention core (q k^T, att v, reshapes)"
 TORCH_SPLIT = {
     "aten::addmm": "linear", "aten::mm": "linear", "aten::linear": "linear",
-    "aten::bmm": "attention core (q k^T, att v, reshapes)",
+    "aten::bmm": ATTENTION_CORE,
     "aten::_softmax": "softmax", "aten::_softmax_backward_data": "softmax",
     "aten::gelu": "gelu", "aten::gelu_backward": "gelu",
     "aten::native_layer_norm": "layernorm", "aten::native_layer_norm_backward": "layernorm",
@@ -227,20 +226,18 @@ def layer_split(engine) -> dict:
         engine.train_step()
         prof.disable()
         stats = pstats.Stats(prof).stats
-        total = 0.0
-        for (_, _, func), (_, _, tottime, _, _) in stats.items():
-            total += tottime
-            # numpy's own ufunc/reduce calls made by a layer are charged to the caller below
-            row = TINYVIT_SPLIT.get(func)
+        total = sum(tottime for (_, _, tottime, _, _) in stats.values())
+        attention, inside_attention = 0.0, 0.0
+        for (path, _, func), (_, _, _, cumtime, callers) in stats.items():
+            name = path.replace("\\", "/").rsplit("/", 1)[-1]
+            if name == "attention.py" and func in ("attention_forward", "attention_backward"):
+                attention += cumtime
+            row = TINYVIT_SPLIT.get((name, func))
             if row:
-                out[row] = out.get(row, 0.0) + tottime
-        for (_, _, func), (_, _, tottime, _, callers) in stats.items():
-            if func in TINYVIT_SPLIT or not callers:
-                continue
-            for (_, _, caller), caller_stats in callers.items():
-                row = TINYVIT_SPLIT.get(caller)
-                if row:
-                    out[row] = out.get(row, 0.0) + caller_stats[2]
+                out[row] = out.get(row, 0.0) + cumtime
+                inside_attention += sum(c[3] for (_, _, caller), c in callers.items()
+                                        if caller in ("attention_forward", "attention_backward"))
+        out[ATTENTION_CORE] = max(attention - inside_attention, 0.0)  # the batched products and reshapes
         out["everything else"] = max(total - sum(out.values()), 0.0)
         out["total"] = total
         return out

@@ -32,8 +32,10 @@ def machine_info() -> dict:
     try:
         from threadpoolctl import threadpool_info
 
-        info["threadpools"] = [{k: d.get(k) for k in ("internal_api", "architecture", "num_threads", "version",
-                                                       "prefix")} for d in threadpool_info()]
+        info["threadpools"] = [dict({k: d.get(k) for k in ("internal_api", "architecture", "num_threads", "version",
+                                                            "prefix")},
+                                    owner=os.path.basename(os.path.dirname(d.get("filepath", ""))))
+                               for d in threadpool_info()]
     except ImportError:
         info["threadpools"] = "threadpoolctl not installed"
     try:
@@ -64,7 +66,7 @@ def blas_line(info: dict) -> str:
     if not isinstance(pools, list):
         return str(pools)
     blas = [p for p in pools if p.get("internal_api") in ("openblas", "mkl", "blis")]
-    return ", ".join(f"{p['internal_api']} {p.get('version')} kernel {p.get('architecture')} "
+    return ", ".join(f"{p['internal_api']} {p.get('version')} ({p.get('owner')}) kernel {p.get('architecture')} "
                      f"{p.get('num_threads')} threads" for p in blas) or "no BLAS found by threadpoolctl"
 
 
