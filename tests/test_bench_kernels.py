@@ -72,7 +72,6 @@ _HAS_CUPY, _WHY = cupy_available()
 @pytest.mark.skipif(not _HAS_CUPY, reason=f"no GPU/CuPy here: {_WHY}")
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_cupy_kernel_equals_reference(approximate):
-    import cupy  # noqa: F401  (the test, not the package, may import it)
     from tinyvit.backend import get_backend
 
     be = get_backend("cupy")

@@ -26,6 +26,7 @@ Run ``tinyvit bench --help`` for the options; ``--smoke`` is the seconds-long fo
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -45,7 +46,7 @@ def _csv(text, cast=str):
 
 
 def set_threads(threads: int | None) -> int:
-    """Give PyTorch as many threads as NumPy's BLAS (or set both to ``threads``); returns the count."""
+    """Give PyTorch and tinyvit's kernels as many threads as NumPy's BLAS (or set all to ``threads``)."""
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
     except ImportError:
@@ -63,10 +64,24 @@ def set_threads(threads: int | None) -> int:
         threads = torch.get_num_threads()
     except ImportError:
         pass
-    return threads or 1
+    threads = threads or 1
+    os.environ["TINYVIT_THREADS"] = str(threads)  # tinyvit's CPU kernels (GELU) use as many as PyTorch
+    return threads
 
 
 def run_bench(args) -> int:
+    """The ``tinyvit bench`` command; leaves ``TINYVIT_THREADS`` as it found it."""
+    old = os.environ.get("TINYVIT_THREADS")
+    try:
+        return _run_bench(args)
+    finally:
+        if old is None:
+            os.environ.pop("TINYVIT_THREADS", None)
+        else:
+            os.environ["TINYVIT_THREADS"] = old
+
+
+def _run_bench(args) -> int:
     from . import layers as layer_bench
     from . import models as model_bench
     from . import report
@@ -84,12 +99,12 @@ def run_bench(args) -> int:
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     batches = _csv(args.batch, int) if args.batch else ((2,) if args.smoke else preset["batches"])
-    layer_names = LAYERS_ALL = layer_bench.LAYERS
+    all_layers = layer_names = layer_bench.LAYERS
     if args.layers:
         layer_names = () if args.layers == "none" else _csv(args.layers)
-        unknown = [n for n in layer_names if n not in LAYERS_ALL]
+        unknown = [n for n in layer_names if n not in all_layers]
         if unknown:
-            raise ValueError(f"unknown layer(s) {unknown}; layers: {LAYERS_ALL}")
+            raise ValueError(f"unknown layer(s) {unknown}; layers: {all_layers}")
     model_names = preset["models"]
     if args.models:
         model_names = () if args.models == "none" else _csv(args.models)
@@ -183,7 +198,7 @@ def register(subparsers) -> None:
     p.add_argument("--full", action="store_true", help="ViT-Ti/S/B and CIFAR models at batch 1, 8, 32, all layers "
                    "at Ti/S/B shapes, and the token sweep (long)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks every variant (CI)")
-    p.add_argument("--layers", help=f"comma list of layers, or 'none' (default: all)")
+    p.add_argument("--layers", help="comma list of layers, or 'none' (default: all)")
     p.add_argument("--models", help=f"comma list of {sorted(flops.PRESETS)}, or 'none'")
     p.add_argument("--batch", help="comma list of batch sizes (default 8; --full: 1,8,32)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),

@@ -52,9 +52,8 @@ def linear_stacked_forward(x, w, b):
 
 def softmax_plain_forward(x):
     """The first version: three (..., N) temporaries (shifted, exp, out)."""
-    np_ = np
     shifted = x - x.max(axis=-1, keepdims=True)
-    e = np_.exp(shifted)
+    e = np.exp(shifted)
     return e / e.sum(axis=-1, keepdims=True)
 
 
@@ -227,11 +226,11 @@ class Case:
         def bwd():
             return torch.autograd.grad(out, t["x"], dout, retain_graph=True)[0]
 
-        return torch, fwd, bwd, out, bwd
+        return fwd, bwd, out
 
     def torch_reference(self):
         """PyTorch CPU output and dx on the host, float64 arrays: the check every variant must pass."""
-        torch, fwd, bwd, out, _ = self.torch_fns("cpu")
+        _, bwd, out = self.torch_fns("cpu")
         return out.detach().double().numpy(), bwd().double().numpy()
 
 
@@ -271,7 +270,7 @@ def bench_layer(case: Case, backends, repeats: int, skipped: dict) -> list:
                     xp = be.xp if backend == "cupy" else None
                     runs[backend if v == "tinyvit" else f"{backend}: {v}"] = (fwd, bwd, xp)
             else:
-                torch, fwd, bwd, _, _ = case.torch_fns("cuda" if backend == "torch-cuda" else "cpu")
+                fwd, bwd, _ = case.torch_fns("cuda" if backend == "torch-cuda" else "cpu")
                 runs[backend] = (fwd, bwd, None)
         except RuntimeError as exc:
             skipped[backend] = str(exc)

@@ -241,7 +241,6 @@ def layer_split(engine) -> dict:
         out["everything else"] = max(total - sum(out.values()), 0.0)
         out["total"] = total
         return out
-    torch = engine.torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -254,7 +253,6 @@ def layer_split(engine) -> dict:
             out[row] = out.get(row, 0.0) + ev.self_cpu_time_total / 1e6
     out["everything else"] = max(total - sum(out.values()), 0.0)
     out["total"] = total
-    del torch
     return out
 
 

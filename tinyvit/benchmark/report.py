@@ -170,6 +170,11 @@ def plot_sweep(rows, path: str) -> None:
         ax2.set_ylabel("%")
         ax2.set_title("where the quadratic term takes over")
         ax2.legend()
+    ticks = sorted({r["tokens"] for r in rows})
+    for ax in (ax1, ax2):
+        ax.minorticks_off()
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
