@@ -13,7 +13,8 @@ from tinyvit.checkpoint import load_checkpoint
 from tinyvit.cli import main
 from tinyvit.train import TrainConfig, TrainingDiverged, train
 
-TINY = dict(patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32, batch_size=128, warmup_epochs=1, lr=1e-2)
+TINY = dict(patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32, batch_size=128, warmup_epochs=1, lr=1e-2, mixup=0.0,
+            cutmix=0.0, pool="cls")
 
 
 def config(tmp_path, name="run", **kw):
@@ -127,8 +128,8 @@ def test_distillation_from_a_trained_teacher(tmp_path):
     from tinyvit.data import Normalizer, load_digits, split
 
     teacher = train(config(tmp_path, "teacher", epochs=4, dim=32, mlp_dim=64), progress=False)
-    student = train(config(tmp_path, "student", epochs=3, teacher=str(tmp_path / "teacher" / "checkpoint.safetensors")),
-                    progress=False)
+    student = train(config(tmp_path, "student", epochs=3, pool="cls",
+                           teacher=str(tmp_path / "teacher" / "checkpoint.safetensors")), progress=False)
     ck = load_checkpoint(tmp_path / "student" / "checkpoint.safetensors")
     assert "dist_token" in ck.params and "head_dist.weight" in ck.params
     assert teacher["test_acc"] > 0.3 and student["test_acc"] > 0.2, (teacher["test_acc"], student["test_acc"])
@@ -144,6 +145,7 @@ def test_distillation_from_a_trained_teacher(tmp_path):
 def test_bad_configs(tmp_path):
     for kw, match in ((dict(epochs=0), "epochs"), (dict(warmup_epochs=9, epochs=2), "warmup_epochs"),
                       (dict(clip_grad=float("nan")), "clip_grad"), (dict(label_smoothing=1.0), "label_smoothing"),
-                      (dict(batch_size=5000), "larger than the training set")):
+                      (dict(batch_size=5000), "larger than the training set"),
+                      (dict(teacher="t.safetensors", pool="mean"), "pool='cls'")):
         with pytest.raises(ValueError, match=match):
             train(config(tmp_path, **kw), progress=False)
