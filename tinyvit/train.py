@@ -77,8 +77,8 @@ class TrainConfig:
     flip: bool = False  # off for digits: a mirrored digit is another shape
     randaugment: int = 0  # ops per image; 0 = off
     ra_magnitude: float = 5.0
-    mixup: float = 0.8  # Beta alpha (timm's default); 0 = off
-    cutmix: float = 1.0  # Beta alpha (timm's default); 0 = off; with both on, one of the two per batch
+    mixup: float = 0.3  # Beta alpha; 0 = off (0.3 alone beat timm's 0.8 + CutMix 1.0 here, README)
+    cutmix: float = 0.0  # Beta alpha; 0 = off; with both on, one of the two per batch (timm's policy)
     # DeiT distillation
     teacher: str | None = None  # a tinyvit checkpoint of a trained teacher
     distill_alpha: float = 0.5
@@ -294,7 +294,7 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
             else:
                 bad_steps = 0
                 optimizer.step(model.params, grads, lr)
-                hard = train_set.labels[idx]
+                hard = targets.argmax(axis=1) if targets.ndim == 2 else targets  # Mixup: the larger share
                 epoch_correct += int((model.backend.to_host(logits.argmax(axis=1)) == hard).sum())
                 epoch_loss += loss_value * len(idx)
                 epoch_seen += len(idx)
@@ -361,7 +361,7 @@ def plot_curves(history: dict, path) -> str | None:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss")
     ax_loss.legend()
-    ax_acc.plot(history["epoch"], history["train_acc"], "o-", ms=3, label="train (augmented batches)")
+    ax_acc.plot(history["epoch"], history["train_acc"], "o-", ms=3, label="train (augmented; Mixup: larger share)")
     tests = [(e, a) for e, a in zip(history["epoch"], history["test_acc"]) if a is not None]
     if tests:
         ax_acc.plot(*zip(*tests), "s-", ms=3, label="test")
