@@ -116,6 +116,8 @@ def test_command_line(tmp_path, capsys):
                "--optimizer", "nesterov", "--lr", "0.05"])
     text = capsys.readouterr().out
     assert rc == 0 and "test accuracy:" in text and "checkpoint:" in text and (out / "curves.png").exists()
+    rc = main(["train", "--resume", str(out / "checkpoint.safetensors"), "--no-progress"])  # already at its end
+    assert rc == 0 and "finished: 11/11 steps" in capsys.readouterr().out
     rc = main(["train", "--epochs", "1", "--lr", "-1", "--out", str(tmp_path / "bad"), "--no-progress"])
     assert rc == 1 and "lr" in capsys.readouterr().err
     rc = main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"), "--no-progress"])

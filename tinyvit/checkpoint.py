@@ -236,8 +236,8 @@ def restore(ckpt: Checkpoint, model, optimizer) -> int:
     saved_opt = ({s: dict(v) for s, v in optimizer.state.items()}, optimizer.t)
     try:
         if ckpt.meta.get("model_config") != model.config.to_dict():
-            raise ValueError(f"{ckpt.path}: checkpoint was written by a model with config {ckpt.meta.get('model_config')}, "
-                             f"this model has {model.config.to_dict()}")
+            raise ValueError(f"{ckpt.path}: checkpoint was written by a model with config "
+                             f"{ckpt.meta.get('model_config')}, this model has {model.config.to_dict()}")
         model.load_state_dict(ckpt.params)
         optimizer.load_state_dict(ckpt.optim_arrays, ckpt.meta.get("optimizer") or {}, model.params)
         set_rng_state(model.rng, ckpt.meta.get("rng"))

@@ -426,7 +426,8 @@ def register(subparsers) -> None:
     g.add_argument("--heads", type=int, default=d.heads)
     g.add_argument("--mlp-dim", type=int, default=d.mlp_dim)
     g.add_argument("--pool", choices=("cls", "mean"), default=None,
-                   help=f"head input: mean of the patch tokens or the class token (default {d.pool}; cls with --teacher)")
+                   help=f"head input: mean of the patch tokens or the class token "
+                        f"(default {d.pool}; cls with --teacher)")
     g.add_argument("--gelu", choices=("none", "tanh"), default=d.gelu)
     g.add_argument("--pos-embed", choices=("learned", "sincos1d", "sincos2d"), default=d.pos_embed)
     g.add_argument("--dropout", type=float, default=d.dropout)
