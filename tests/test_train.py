@@ -148,6 +148,24 @@ def test_bad_configs(tmp_path):
     for kw, match in ((dict(epochs=0), "epochs"), (dict(warmup_epochs=9, epochs=2), "warmup_epochs"),
                       (dict(clip_grad=float("nan")), "clip_grad"), (dict(label_smoothing=1.0), "label_smoothing"),
                       (dict(batch_size=5000), "larger than the training set"),
-                      (dict(teacher="t.safetensors", pool="mean"), "pool='cls'")):
+                      (dict(teacher="t.safetensors", pool="mean"), "pool='cls'"),
+                      (dict(distill_alpha=1.5), "distill_alpha")):
         with pytest.raises(ValueError, match=match):
             train(config(tmp_path, **kw), progress=False)
+
+
+def test_teacher_must_fit_the_data(tmp_path):
+    from tinyvit import VisionTransformer
+    from tinyvit.checkpoint import save_checkpoint
+    from tinyvit.optim import AdamW
+
+    wrong = VisionTransformer(image_size=8, patch_size=4, num_classes=5, dim=8, depth=1, heads=2, mlp_dim=8,
+                              channels=1)
+    save_checkpoint(tmp_path / "t.safetensors", wrong, AdamW(), 0)
+    with pytest.raises(ValueError, match="5 classes"):
+        train(config(tmp_path, teacher=str(tmp_path / "t.safetensors")), progress=False)
+    wrong = VisionTransformer(image_size=16, patch_size=4, num_classes=10, dim=8, depth=1, heads=2, mlp_dim=8,
+                              channels=1)
+    save_checkpoint(tmp_path / "t.safetensors", wrong, AdamW(), 0)
+    with pytest.raises(ValueError, match="16x16"):
+        train(config(tmp_path, teacher=str(tmp_path / "t.safetensors")), progress=False)

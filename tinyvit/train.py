@@ -108,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) cannot exceed epochs ({self.epochs})")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must lie in [0, 1], got {self.distill_alpha}")
         if self.teacher is not None and self.pool != "cls":
             raise ValueError("distillation (teacher=...) needs pool='cls': the student's two heads read the class "
                              "and distillation tokens (on the command line --pool cls is the default with --teacher)")
@@ -228,6 +230,9 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
     if cfg.teacher is not None:
         teacher = load_model(cfg.teacher, backend=cfg.backend, dtype=cfg.dtype)
         teacher.check_images(model.backend.asarray(test_x[:1], dtype=model.dtype))
+        if teacher.config.num_classes != num_classes:
+            raise ValueError(f"teacher {cfg.teacher} predicts {teacher.config.num_classes} classes, the data has "
+                             f"{num_classes}")
 
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
