@@ -196,8 +196,10 @@ class Case:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("PyTorch sees no CUDA device")
         F = torch.nn.functional
-        t = {k: torch.tensor(v, device=device, requires_grad=(k == "x")) for k, v in self.inputs.items()}
-        p = {k: torch.tensor(v, device=device) for k, v in getattr(self, "params", {}).items()}
+        # every input and parameter requires grad, so the backward computes what tinyvit's does (dx and dparams)
+        t = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in self.inputs.items()}
+        p = {k: torch.tensor(v, device=device, requires_grad=True) for k, v in getattr(self, "params", {}).items()}
+        wrt = list(t.values()) + list(p.values())
         dout = torch.tensor(self.dout, device=device)
         layer, heads = self.layer, self.heads
         if layer == "patch_embed":
@@ -224,7 +226,7 @@ class Case:
         out = f()
 
         def bwd():
-            return torch.autograd.grad(out, t["x"], dout, retain_graph=True)[0]
+            return torch.autograd.grad(out, wrt, dout, retain_graph=True, allow_unused=True)[0]  # dx, and dparams
 
         return fwd, bwd, out
 
