@@ -417,7 +417,7 @@ def run_train(args) -> int:
 
 def register(subparsers) -> None:
     d = TrainConfig()
-    p = subparsers.add_parser("train", help="train a ViT (default: the bundled digits, >= 98% test accuracy)",
+    p = subparsers.add_parser("train", help="train a ViT (default: the bundled digits, >= 98%% test accuracy)",
                               description="Train a ViT with hand-written backward passes. Defaults: the bundled "
                                           "scikit-learn digits, a 4-block ViT, AdamW with warm-up + cosine.")
     a = p.add_argument
