@@ -234,14 +234,7 @@ def section_post_norm() -> None:
         "mlp.fc1.weight": 0.1 * rng.standard_normal((mlp_dim, dim)), "mlp.fc1.bias": 0.1 * rng.standard_normal(mlp_dim),
         "mlp.fc2.weight": 0.1 * rng.standard_normal((dim, mlp_dim)), "mlp.fc2.bias": 0.1 * rng.standard_normal(dim),
     }
-    torch_names = {  # timm -> nn.TransformerEncoderLayer
-        "attn.qkv.weight": "self_attn.in_proj_weight", "attn.qkv.bias": "self_attn.in_proj_bias",
-        "attn.proj.weight": "self_attn.out_proj.weight", "attn.proj.bias": "self_attn.out_proj.bias",
-        "mlp.fc1.weight": "linear1.weight", "mlp.fc1.bias": "linear1.bias",
-        "mlp.fc2.weight": "linear2.weight", "mlp.fc2.bias": "linear2.bias",
-        "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
-        "norm2.bias": "norm2.bias",
-    }
+    torch_names = _tour.ENCODER_LAYER_NAMES  # timm -> nn.TransformerEncoderLayer
     sd = {torch_names[k]: torch.tensor(v) for k, v in p.items()}
     try:
         default.double().load_state_dict(sd)

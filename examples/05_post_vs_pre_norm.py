@@ -31,15 +31,7 @@ import torch.nn as nn
 from tinyvit import VisionTransformer, softmax_cross_entropy
 from tinyvit.block import block_backward, block_forward
 
-TORCH_NAMES = {  # timm's block keys -> nn.TransformerEncoderLayer's
-    "attn.qkv.weight": "self_attn.in_proj_weight", "attn.qkv.bias": "self_attn.in_proj_bias",
-    "attn.proj.weight": "self_attn.out_proj.weight", "attn.proj.bias": "self_attn.out_proj.bias",
-    "mlp.fc1.weight": "linear1.weight", "mlp.fc1.bias": "linear1.bias",
-    "mlp.fc2.weight": "linear2.weight", "mlp.fc2.bias": "linear2.bias",
-    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-}
-
+TORCH_NAMES = _tour.ENCODER_LAYER_NAMES  # timm's block keys -> nn.TransformerEncoderLayer's
 
 def torch_layer_matches_post_norm_block() -> None:
     _tour.banner("nn.TransformerEncoderLayer(norm_first=False) == tinyvit's post-norm block")

@@ -39,6 +39,16 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # files only, never a window
 
 
+ENCODER_LAYER_NAMES = {  # timm's block keys -> PyTorch's nn.TransformerEncoderLayer's (chapters 00 and 05)
+    "attn.qkv.weight": "self_attn.in_proj_weight", "attn.qkv.bias": "self_attn.in_proj_bias",
+    "attn.proj.weight": "self_attn.out_proj.weight", "attn.proj.bias": "self_attn.out_proj.bias",
+    "mlp.fc1.weight": "linear1.weight", "mlp.fc1.bias": "linear1.bias",
+    "mlp.fc2.weight": "linear2.weight", "mlp.fc2.bias": "linear2.bias",
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+}
+
+
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the pictures (default: docs/images)")
