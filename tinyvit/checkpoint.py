@@ -68,6 +68,15 @@ def atomic_write(path, data: bytes) -> None:
         raise
 
 
+
+def atomic_save_figure(fig, path, dpi: int = 100) -> None:
+    """Render a matplotlib figure to PNG in memory, then :func:`atomic_write` it to ``path``."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())
+
 def save_arrays(path, arrays: dict, metadata: dict | None = None) -> None:
     """Write ``{name: array}`` (host or device arrays) and ``{str: str}`` metadata to ``path``
     (``.safetensors`` or ``.npz``), atomically, with a checksum."""

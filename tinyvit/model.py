@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import Backend, array_module, check_dtype_name, get_backend, is_backend_array, to_host
-from .block import BLOCK_KEYS, BlockMasks, block_backward, block_forward
+from .block import BLOCK_KEYS, block_backward, block_forward
 from .dropout import dropout_backward, dropout_forward
 from .gelu import APPROXIMATIONS
 from .head import mean_pool_forward, pool_backward, token_pool_forward

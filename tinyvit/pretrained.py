@@ -15,12 +15,12 @@ patch tokens says how much each patch fed the class token.
 from __future__ import annotations
 
 import os
-import tempfile
 from importlib import resources
 
 import numpy as np
 
 from .backend import array_module, to_host
+from .checkpoint import atomic_save_figure
 
 CLASS_FILE = "imagenet_classes.txt"
 
@@ -123,15 +123,8 @@ def draw_attention(image, heads_map: np.ndarray, rollout_map: np.ndarray, path, 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        atomic_save_figure(fig, path)
     finally:
         plt.close(fig)
 

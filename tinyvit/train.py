@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import augment
-from .checkpoint import load_checkpoint, restore, save_checkpoint
+from .checkpoint import atomic_save_figure, atomic_write, load_checkpoint, restore, save_checkpoint
 from .data import Normalizer, batches, epoch_order, load_dataset, split, to_backend
 from .distill import hard_distillation_backward, hard_distillation_forward
 from .loss import softmax_cross_entropy
@@ -342,8 +342,8 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
     }
     if step >= total_steps and last_saved != step:
         save(step)
-    with open(os.path.join(cfg.out, "history.json"), "w") as f:
-        json.dump({"summary": summary, "history": history, "config": asdict(cfg)}, f, indent=1)
+    atomic_write(os.path.join(cfg.out, "history.json"),
+                 json.dumps({"summary": summary, "history": history, "config": asdict(cfg)}, indent=1).encode())
     summary["plot"] = plot_curves(history, os.path.join(cfg.out, "curves.png"))
     summary["model"] = model
     return summary
@@ -376,10 +376,10 @@ def plot_curves(history: dict, path) -> str | None:
     ax_acc.grid(alpha=0.3)
     ax_acc.legend()
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 

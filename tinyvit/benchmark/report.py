@@ -5,9 +5,10 @@ import datetime
 import json
 import os
 import platform
-import tempfile
 
 import numpy as np
+
+from ..checkpoint import atomic_save_figure, atomic_write
 
 
 def machine_info() -> dict:
@@ -130,17 +131,8 @@ def sweep_table(rows) -> str:
 
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` as JSON through a temporary file in the same folder, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, json.dumps(data, indent=1, default=str).encode())
 
 
 def plot_sweep(rows, path: str) -> None:
@@ -176,14 +168,8 @@ def plot_sweep(rows, path: str) -> None:
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png")
-    os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        atomic_save_figure(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
