@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyvit.block import block_forward
-from tinyvit.patch_embed import patch_embed_forward, patchify_forward
-from tinyvit.tokens import sincos_1d_table
+from tinyvit.layers.block import block_forward
+from tinyvit.layers.patch_embed import patch_embed_forward, patchify_forward
+from tinyvit.layers.tokens import sincos_1d_table
 
 
 def tutorial_patch_embedding(channels: int, patch: int, dim: int) -> nn.Sequential:
@@ -211,7 +211,7 @@ def section_math_import() -> None:
     namespace["math"] = math  # the fix: import math at the top
     pe = namespace["PositionalEncoding"](d_model=64, max_len=197).pe[0].numpy()  # (197, 64) float32
     ours = sincos_1d_table(197, 64)  # (197, 64) float64
-    print(f"with `import math` first, its table equals tinyvit.tokens.sincos_1d_table(197, 64): max abs error "
+    print(f"with `import math` first, its table equals tinyvit.layers.tokens.sincos_1d_table(197, 64): max abs error "
           f"{_tour.max_err(pe, ours)[0]:.1e} (float32 against float64)")
 
 

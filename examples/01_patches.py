@@ -2,7 +2,7 @@
 
 The tutorial's section 2.1: ``(B, 3, 224, 224) -> (B, 196, 768) -> (B, 196, D)``.
 
-- patching (``tinyvit/patch_embed.py: patchify_forward``) only moves numbers: 224 / 16 = 14
+- patching (``tinyvit/layers/patch_embed.py: patchify_forward``) only moves numbers: 224 / 16 = 14
   patches a side, 14 * 14 = 196 patches, each 3 * 16 * 16 = 768 numbers, flattened ``(c p1 p2)``;
 - the patch embedding is one linear map applied to every patch, ``(768,) -> (D,)``, the same
   as a ``Conv2d(3, D, kernel_size=16, stride=16)`` (chapter 0 checks that against PyTorch);
@@ -16,7 +16,7 @@ from __future__ import annotations
 import _tour
 import numpy as np
 
-from tinyvit.patch_embed import patch_embed_backward, patch_embed_forward, patchify_forward, unpatchify
+from tinyvit.layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_forward, unpatchify
 
 PATCH = 16  # P
 DIM = 192  # D: ViT-Tiny's width

@@ -3,7 +3,7 @@
 The tutorial's sections 2.2 and 3: ``(B, Np, D) -> (B, 1 + Np, D)`` with a class token in
 front, then ``+ pos_embed (1, N, D)``. Attention alone cannot tell where a patch came from
 (shuffle the patches and the outputs shuffle the same way), so each position gets a vector
-added. Three kinds, all in ``tinyvit/tokens.py``:
+added. Three kinds, all in ``tinyvit/layers/tokens.py``:
 
 - 1D sinusoidal (the Transformer paper, the tutorial's ``PositionalEncoding``): the token
   index 0..N-1 is the position, so the grid is read as one long line;
@@ -22,7 +22,7 @@ import _tour
 import numpy as np
 
 from tinyvit import VisionTransformer
-from tinyvit.tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
+from tinyvit.layers.tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
                             prepend_tokens_forward)
 
 GRID = 14  # 224 / 16

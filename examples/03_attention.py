@@ -8,7 +8,7 @@ The tutorial's section 2.3. For tokens ``x: (B, N, D)``:
     y       = att @ v                                 (B, N, hs): a weighted mean of the values
 
 Multi-head does that ``NH`` times on ``hs = D / NH`` channels each and concatenates.
-tinyvit's ``attention_forward`` (``tinyvit/attention.py``) does all heads at once from one
+tinyvit's ``attention_forward`` (``tinyvit/layers/attention.py``) does all heads at once from one
 fused ``qkv`` weight ``(3D, D)``; here it is written out by hand and compared, and then the
 backward is written out by hand too and compared with ``attention_backward`` and with
 finite differences.
@@ -29,9 +29,9 @@ import _tour
 import numpy as np
 
 from tinyvit import VisionTransformer
-from tinyvit.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
-from tinyvit.layernorm import layernorm_forward
-from tinyvit.patch_embed import patch_embed_forward
+from tinyvit.layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
+from tinyvit.layers.layernorm import layernorm_forward
+from tinyvit.layers.patch_embed import patch_embed_forward
 
 PATCH = 16  # P: a 14 x 14 grid
 DIM = 64  # D

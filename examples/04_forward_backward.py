@@ -20,12 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
-from tinyvit.block import BLOCK_KEYS, block_forward
-from tinyvit.head import token_pool_forward
-from tinyvit.layernorm import layernorm_forward
-from tinyvit.linear import linear_forward
-from tinyvit.patch_embed import patch_embed_forward
-from tinyvit.tokens import add_pos_embed_forward, prepend_tokens_forward
+from tinyvit.layers.block import BLOCK_KEYS, block_forward
+from tinyvit.layers.head import token_pool_forward
+from tinyvit.layers.layernorm import layernorm_forward
+from tinyvit.layers.linear import linear_forward
+from tinyvit.layers.patch_embed import patch_embed_forward
+from tinyvit.layers.tokens import add_pos_embed_forward, prepend_tokens_forward
 
 CONFIG = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64)
 

@@ -1,6 +1,6 @@
 """Chapter 5: post-norm (the tutorial's nn.TransformerEncoderLayer) against pre-norm (the ViT paper).
 
-The same block parameters, wired two ways (``tinyvit/block.py``)::
+The same block parameters, wired two ways (``tinyvit/layers/block.py``)::
 
     pre-norm  (ViT, timm):                  h = x + attn(norm1(x));   out = h + mlp(norm2(h))
     post-norm (nn.TransformerEncoderLayer): h = norm1(x + attn(x));   out = norm2(h + mlp(h))
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
-from tinyvit.block import block_backward, block_forward
+from tinyvit.layers.block import block_backward, block_forward
 
 TORCH_NAMES = _tour.ENCODER_LAYER_NAMES  # timm's block keys -> nn.TransformerEncoderLayer's
 

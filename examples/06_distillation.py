@@ -12,8 +12,8 @@ the distillation head learns from a teacher's decisions (hard distillation)::
 
 The teacher is the small CNN of chapter 7 (``examples/07_vit_vs_cnn.py``): DeiT found that a
 convnet teacher helps a ViT most, as if its inductive bias were passed on through the labels.
-The student is chapter 7's ViT with ``distilled=True``, trained with ``tinyvit.distill``'s
-loss and ``tinyvit.optim``'s AdamW; a plain ViT trained the same way is the baseline.
+The student is chapter 7's ViT with ``distilled=True``, trained with ``tinyvit.training.distill``'s
+loss and ``tinyvit.training.optim``'s AdamW; a plain ViT trained the same way is the baseline.
 
 What it shows, honestly: at this scale (1,347 training images, 30 epochs, a 2-block student)
 distillation does NOT beat the plain ViT. Test accuracy at 30 epochs for seeds 0 / 1 / 2
@@ -40,8 +40,8 @@ import _tour
 import numpy as np
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
-from tinyvit.distill import hard_distillation_backward, hard_distillation_forward
-from tinyvit.optim import AdamW, warmup_cosine
+from tinyvit.training.distill import hard_distillation_backward, hard_distillation_forward
+from tinyvit.training.optim import AdamW, warmup_cosine
 
 VIT = dict(image_size=8, patch_size=2, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64, channels=1)
 BATCH, LR = 64, 3e-3

@@ -20,7 +20,7 @@ The CNN is built from tinyvit's own layers where it can be:
 
 After training, the ViT's attention is drawn on a few test digits: the last block's
 class-token attention per head, and the attention rollout over both blocks
-(``tinyvit.pretrained.attention_rollout``, Abnar & Zuidema 2020), read from
+(``tinyvit.pretrained.predict.attention_rollout``, Abnar & Zuidema 2020), read from
 ``VisionTransformer.attention_maps()``.
 
 Run: ``python3 examples/07_vit_vs_cnn.py`` (about half a minute; ``--quick`` a few seconds).
@@ -36,11 +36,11 @@ import numpy as np
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
 from tinyvit.backend import array_module
-from tinyvit.flops import forward_macs
-from tinyvit.linear import LinearCache, linear_backward, linear_forward
-from tinyvit.optim import AdamW, warmup_cosine
-from tinyvit.patch_embed import patch_embed_backward, patch_embed_forward
-from tinyvit.pretrained import attention_rollout, cls_attention
+from tinyvit.benchmark.flops import forward_macs
+from tinyvit.layers.linear import LinearCache, linear_backward, linear_forward
+from tinyvit.training.optim import AdamW, warmup_cosine
+from tinyvit.layers.patch_embed import patch_embed_backward, patch_embed_forward
+from tinyvit.pretrained.predict import attention_rollout, cls_attention
 
 
 # ---------------------------------------------------------------- the two new ops
@@ -139,7 +139,7 @@ def cnn_backward(dlogits, caches) -> dict:
 
 
 def cnn_macs(channels: int, size: int, width: int, num_classes: int) -> int:
-    """Forward multiply-adds per image of the matrix products (as tinyvit.flops counts a ViT's)."""
+    """Forward multiply-adds per image of the matrix products (as tinyvit.benchmark.flops counts a ViT's)."""
     conv1 = size * size * width * channels * 9
     conv2 = (size // 2) ** 2 * (2 * width) * width * 4
     return conv1 + conv2 + (size // 2) ** 2 * 2 * width * num_classes
@@ -147,7 +147,7 @@ def cnn_macs(channels: int, size: int, width: int, num_classes: int) -> int:
 
 # ---------------------------------------------------------------- one training loop for both
 def train(name, forward, backward, params, data, epochs, batch_size, lr, seed):
-    """AdamW (tinyvit.optim) with warm-up + cosine; -> (test accuracy per epoch, seconds)."""
+    """AdamW (tinyvit.training.optim) with warm-up + cosine; -> (test accuracy per epoch, seconds)."""
     x_train, y_train, x_test, y_test = data
     steps_per_epoch = len(y_train) // batch_size
     total = epochs * steps_per_epoch
@@ -219,7 +219,7 @@ def main() -> None:
     print("locality and translation equivariance (the tutorial's 'strong inductive bias'); the ViT has to learn them")
     print(f"from {len(y_train):,} images, and with fewer parameters and MACs the CNN does better here, as the tutorial")
     print("says of small data. At 8x8 the attention's N^2 = 17^2 term is small; it grows with the square of the")
-    print("number of patches (tinyvit.flops.attention_share), while a convolution grows with the pixels.")
+    print("number of patches (tinyvit.benchmark.flops.attention_share), while a convolution grows with the pixels.")
 
     import matplotlib.pyplot as plt
 

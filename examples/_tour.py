@@ -72,9 +72,9 @@ def photo(name: str = "china") -> np.ndarray:
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    """The bundled digits (``tinyvit.data.load_digits``): images float32 ``(1797, 1, 8, 8)`` in
+    """The bundled digits (``tinyvit.training.data.load_digits``): images float32 ``(1797, 1, 8, 8)`` in
     ``[0, 1]``, labels int64 ``(1797,)``."""
-    from tinyvit.data import load_digits
+    from tinyvit.training.data import load_digits
 
     ds = load_digits()
     return ds.images, ds.labels

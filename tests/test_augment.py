@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinyvit import augment
-from tinyvit.augment import RAND_OPS, cutmix, mix_batch, mixup, rand_augment, random_crop, random_flip
+from tinyvit.training import augment
+from tinyvit.training.augment import RAND_OPS, cutmix, mix_batch, mixup, rand_augment, random_crop, random_flip
 
 
 def batch(b=5, c=2, h=6, w=7, seed=0):

@@ -9,7 +9,7 @@ import pytest
 
 from tinyvit import VisionTransformer, softmax_cross_entropy, to_host
 from tinyvit.backend import Backend, get_backend
-from tinyvit.block import BlockMasks
+from tinyvit.layers.block import BlockMasks
 from tests.conftest import model_on
 from tests.strict_array import HostTransferError, StrictArray, strict_xp
 from tests.tolerances import TOLERANCES, assert_close

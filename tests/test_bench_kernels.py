@@ -1,4 +1,4 @@
-"""The fused kernels of tinyvit.kernels equal the plain reference layers they replace.
+"""The fused kernels of tinyvit.layers.kernels equal the plain reference layers they replace.
 
 Tolerances: float32 against the float64 reference, |fast - ref| / (1 + |ref|) <= 2e-6 forward and
 1e-5 backward: the bounds the plain float32 formula itself meets (its tanh backward is off by
@@ -7,7 +7,7 @@ Tolerances: float32 against the float64 reference, |fast - ref| / (1 + |ref|) <=
 import numpy as np
 import pytest
 
-from tinyvit import gelu, kernels
+from tinyvit.layers import gelu, kernels
 from tinyvit.backend import cupy_available
 
 TOL = {"forward": 2e-6, "backward": 1e-5}

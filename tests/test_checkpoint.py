@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tinyvit import VisionTransformer
-from tinyvit.checkpoint import (atomic_write, load_arrays, load_arrays_and_metadata, load_checkpoint, restore,
+from tinyvit.training.checkpoint import (atomic_write, load_arrays, load_arrays_and_metadata, load_checkpoint, restore,
                                 save_arrays, save_checkpoint)
-from tinyvit.optim import AdamW
+from tinyvit.training.optim import AdamW
 
 
 def small_arrays():
@@ -185,7 +185,7 @@ def test_restore_is_all_or_nothing(tmp_path):
     assert all(np.array_equal(before[k], other.params[k]) for k in before) and opt_other.t == 0
 
     # the weights fit but the optimiser state does not: the model must be put back too
-    m2, wrong_opt = tiny_model(seed=9), __import__("tinyvit.optim", fromlist=["SGD"]).SGD()
+    m2, wrong_opt = tiny_model(seed=9), __import__("tinyvit.training.optim", fromlist=["SGD"]).SGD()
     before = {k: v.copy() for k, v in m2.params.items()}
     with pytest.raises(ValueError, match="adamw"):
         restore(load_checkpoint(path), m2, wrong_opt)

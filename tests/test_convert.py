@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyvit import VisionTransformer
-from tinyvit.convert import DEFAULT_HEADS, detect_layout, from_tinyvit, infer_config, to_timm, to_tinyvit
+from tinyvit.pretrained.convert import DEFAULT_HEADS, detect_layout, from_tinyvit, infer_config, to_timm, to_tinyvit
 
 RTOL64 = 1e-10
 RTOL32 = 1e-4
@@ -253,7 +253,7 @@ def test_hf_vit_logits_match(dtype, tol):
 @needs_hf
 def test_hf_hub_file_layout_and_config_json(tmp_path):
     """save_pretrained writes the hub names (query/key/value) plus config.json (heads, eps, labels)."""
-    from tinyvit.weights import load_pretrained, read_checkpoint
+    from tinyvit.pretrained.weights import load_pretrained, read_checkpoint
 
     ref_model = hf_model(num_attention_heads=6, hidden_size=48, layer_norm_eps=1e-6,
                          id2label={i: f"thing {i}" for i in range(5)}, label2id={f"thing {i}": i for i in range(5)})
@@ -272,7 +272,7 @@ def test_hf_hub_file_layout_and_config_json(tmp_path):
 @needs_hf
 def test_hf_at_another_image_size_matches_interpolate_pos_encoding():
     """HF's interpolate_pos_encoding is bicubic without antialias: load_pretrained(antialias=False)."""
-    from tinyvit.weights import resample_pos_embed
+    from tinyvit.pretrained.weights import resample_pos_embed
 
     ref_model = hf_model()
     x = np.random.default_rng(2).standard_normal((1, 3, 48, 48))

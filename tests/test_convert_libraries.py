@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tinyvit import VisionTransformer
-from tinyvit.convert import from_tinyvit, infer_config, to_tinyvit
-from tinyvit.weights import resample_pos_embed
+from tinyvit.pretrained.convert import from_tinyvit, infer_config, to_tinyvit
+from tinyvit.pretrained.weights import resample_pos_embed
 
 RTOL64 = 1e-10
 RTOL32 = 1e-4

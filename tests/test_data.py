@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tinyvit.data import (Normalizer, batches, epoch_order, load_dataset, load_digits, load_image_folder, load_npz,
+from tinyvit.training.data import (Normalizer, batches, epoch_order, load_dataset, load_digits, load_image_folder, load_npz,
                           split, to_backend)
 from tinyvit.backend import get_backend
 

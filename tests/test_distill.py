@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyvit import VisionTransformer
-from tinyvit.distill import hard_distillation_backward, hard_distillation_forward, teacher_labels
+from tinyvit.training.distill import hard_distillation_backward, hard_distillation_forward, teacher_labels
 from tests.torch_twin import torch_params, torch_vit_forward
 
 

@@ -2,8 +2,7 @@
 import pytest
 
 from tinyvit import VisionTransformer
-from tinyvit import flops
-
+from tinyvit.benchmark import flops
 # timm's vit_{tiny,small,base}_patch16_224 (1000 classes, class-token pool): parameters exactly,
 # GMACs as fvcore / the DeiT paper print them (1.3 / 4.6 / 17.6), to 1%.
 PUBLISHED = {

@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyvit import VisionTransformer
-from tinyvit.attention import attention_backward, attention_forward, softmax_forward
-from tinyvit.block import block_backward, block_forward
-from tinyvit.patch_embed import patchify_forward, unpatchify
-from tinyvit.tokens import sincos_1d_table, sincos_2d_table
+from tinyvit.layers.attention import attention_backward, attention_forward, softmax_forward
+from tinyvit.layers.block import block_backward, block_forward
+from tinyvit.layers.patch_embed import patchify_forward, unpatchify
+from tinyvit.layers.tokens import sincos_1d_table, sincos_2d_table
 from tests import strategies as S
 
 PROPERTY = settings(max_examples=30, deadline=None)

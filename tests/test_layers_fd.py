@@ -7,17 +7,17 @@ Tolerance: FD_TOLERANCE (tests/tolerances.py): rtol 1e-6, atol 1e-8 at step 1e-6
 import numpy as np
 import pytest
 
-from tinyvit.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
-from tinyvit.block import BlockMasks, block_backward, block_forward
-from tinyvit.dropout import drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
-from tinyvit.gelu import gelu_backward, gelu_forward
-from tinyvit.head import mean_pool_forward, pool_backward, token_pool_forward
-from tinyvit.layernorm import layernorm_backward, layernorm_forward
-from tinyvit.linear import linear_backward, linear_forward
-from tinyvit.loss import cross_entropy_backward, cross_entropy_forward
-from tinyvit.mlp import mlp_backward, mlp_forward
-from tinyvit.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
-from tinyvit.tokens import add_pos_embed_backward, add_pos_embed_forward, prepend_tokens_backward, prepend_tokens_forward
+from tinyvit.layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
+from tinyvit.layers.block import BlockMasks, block_backward, block_forward
+from tinyvit.layers.dropout import drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
+from tinyvit.layers.gelu import gelu_backward, gelu_forward
+from tinyvit.layers.head import mean_pool_forward, pool_backward, token_pool_forward
+from tinyvit.layers.layernorm import layernorm_backward, layernorm_forward
+from tinyvit.layers.linear import linear_backward, linear_forward
+from tinyvit.layers.loss import cross_entropy_backward, cross_entropy_forward
+from tinyvit.layers.mlp import mlp_backward, mlp_forward
+from tinyvit.layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
+from tinyvit.layers.tokens import add_pos_embed_backward, add_pos_embed_forward, prepend_tokens_backward, prepend_tokens_forward
 from tests.gradcheck import numeric_grad
 from tests.strategies import block_param_shapes
 from tests.tolerances import FD_TOLERANCE, assert_close

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinyvit import VisionTransformer
-from tinyvit.block import BlockMasks
+from tinyvit.layers.block import BlockMasks
 from tests.torch_twin import torch_params, torch_vit_forward
 
 ATOL = 1e-10
@@ -97,7 +97,7 @@ def test_training_mode_with_injected_masks_matches_pytorch(norm_first):
 def test_postnorm_block_is_pytorchs_transformer_encoder_layer():
     """The tutorial's nn.TransformerEncoderLayer (norm_first=False, GELU) loads a tinyvit post-norm
     block's weights unchanged (in_proj_weight is timm's fused qkv) and computes the same block."""
-    from tinyvit.block import block_backward, block_forward
+    from tinyvit.layers.block import block_backward, block_forward
 
     D, NH, F, eps = 16, 4, 24, 1e-5
     layer = torch.nn.TransformerEncoderLayer(d_model=D, nhead=NH, dim_feedforward=F, dropout=0.0, activation="gelu",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinyvit.optim import SGD, AdamW, clip_grad_norm, decays, grad_global_norm, warmup_cosine
+from tinyvit.training.optim import SGD, AdamW, clip_grad_norm, decays, grad_global_norm, warmup_cosine
 
 RTOL, ATOL = 1e-12, 1e-14
 SHAPES = {"cls_token": (1, 1, 4), "pos_embed": (1, 5, 4), "patch_embed.proj.weight": (4, 1, 2, 2),

@@ -13,7 +13,7 @@ import pytest
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from tinyvit.preprocess import (IMAGENET_MEAN, IMAGENET_STD, center_crop, load_image, preprocess,  # noqa: E402
+from tinyvit.pretrained.preprocess import (IMAGENET_MEAN, IMAGENET_STD, center_crop, load_image, preprocess,  # noqa: E402
                                 resize_shorter)
 
 

@@ -13,9 +13,9 @@ from PIL import Image  # noqa: E402
 
 from tinyvit import VisionTransformer  # noqa: E402
 from tinyvit.cli import main  # noqa: E402
-from tinyvit.preprocess import preprocess  # noqa: E402
-from tinyvit.pretrained import attention_rollout, cls_attention, imagenet_classes, top_k  # noqa: E402
-from tinyvit.weights import export_pretrained  # noqa: E402
+from tinyvit.pretrained.preprocess import preprocess  # noqa: E402
+from tinyvit.pretrained.predict import attention_rollout, cls_attention, imagenet_classes, top_k  # noqa: E402
+from tinyvit.pretrained.weights import export_pretrained  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=8, num_classes=1000, dim=48, depth=2, heads=4, mlp_dim=96)
 

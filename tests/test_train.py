@@ -8,10 +8,10 @@ import signal
 import numpy as np
 import pytest
 
-import tinyvit.train as train_mod
-from tinyvit.checkpoint import load_checkpoint
+import tinyvit.training.train as train_mod
+from tinyvit.training.checkpoint import load_checkpoint
 from tinyvit.cli import main
-from tinyvit.train import TrainConfig, TrainingDiverged, train
+from tinyvit.training.train import TrainConfig, TrainingDiverged, train
 
 TINY = dict(patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32, batch_size=128, warmup_epochs=1, lr=1e-2, mixup=0.0,
             cutmix=0.0, pool="cls")
@@ -127,7 +127,7 @@ def test_command_line(tmp_path, capsys):
 def test_distillation_from_a_trained_teacher(tmp_path):
     """A student with a distillation token and head learns from a teacher checkpoint: its
     distillation head follows the teacher's decisions far above chance."""
-    from tinyvit.data import Normalizer, load_digits, split
+    from tinyvit.training.data import Normalizer, load_digits, split
 
     teacher = train(config(tmp_path, "teacher", epochs=4, dim=32, mlp_dim=64), progress=False)
     student = train(config(tmp_path, "student", epochs=3, pool="cls",
@@ -156,8 +156,8 @@ def test_bad_configs(tmp_path):
 
 def test_teacher_must_fit_the_data(tmp_path):
     from tinyvit import VisionTransformer
-    from tinyvit.checkpoint import save_checkpoint
-    from tinyvit.optim import AdamW
+    from tinyvit.training.checkpoint import save_checkpoint
+    from tinyvit.training.optim import AdamW
 
     wrong = VisionTransformer(image_size=8, patch_size=4, num_classes=5, dim=8, depth=1, heads=2, mlp_dim=8,
                               channels=1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
-from tinyvit.optim import AdamW, SGD, clip_grad_norm, decays, warmup_cosine
+from tinyvit.training.optim import AdamW, SGD, clip_grad_norm, decays, warmup_cosine
 from tests.torch_twin import torch_params, torch_vit_forward
 
 STEPS, WARMUP, BASE_LR, WD, CLIP, SMOOTH = 20, 5, 3e-3, 0.05, 1.0, 0.1

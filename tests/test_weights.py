@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyvit import VisionTransformer
-from tinyvit.convert import from_tinyvit
-from tinyvit.weights import (bicubic_weights, export_pretrained, load_pretrained, read_checkpoint, read_state_dict,
+from tinyvit.pretrained.convert import from_tinyvit
+from tinyvit.pretrained.weights import (bicubic_weights, export_pretrained, load_pretrained, read_checkpoint, read_state_dict,
                              resample_pos_embed, save_state_dict)
 
 ATOL_RESAMPLE = 1e-12

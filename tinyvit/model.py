@@ -28,14 +28,14 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import Backend, array_module, check_dtype_name, get_backend, is_backend_array, to_host
-from .block import BLOCK_KEYS, block_backward, block_forward
-from .dropout import dropout_backward, dropout_forward
-from .gelu import APPROXIMATIONS
-from .head import mean_pool_forward, pool_backward, token_pool_forward
-from .layernorm import layernorm_backward, layernorm_forward
-from .linear import linear_backward, linear_forward
-from .patch_embed import patch_embed_backward, patch_embed_forward
-from .tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
+from .layers.block import BLOCK_KEYS, block_backward, block_forward
+from .layers.dropout import dropout_backward, dropout_forward
+from .layers.gelu import APPROXIMATIONS
+from .layers.head import mean_pool_forward, pool_backward, token_pool_forward
+from .layers.layernorm import layernorm_backward, layernorm_forward
+from .layers.linear import linear_backward, linear_forward
+from .layers.patch_embed import patch_embed_backward, patch_embed_forward
+from .layers.tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
                      prepend_tokens_forward)
 
 POOLS = ("cls", "mean")
@@ -328,8 +328,8 @@ class VisionTransformer:
             raise ValueError(f"image is {height}x{width} but the model expects {c.image_size[0]}x{c.image_size[1]}; "
                              f"resize the image, or build a model with image_size=({height}, {width}) and "
                              f"resample the position embeddings to the new patch grid with "
-                             f"tinyvit.weights.resample_pos_embed (bicubic); "
-                             f"tinyvit.weights.load_pretrained(path, image_size=...) does both")
+                             f"tinyvit.resample_pos_embed (bicubic); "
+                             f"tinyvit.load_pretrained(path, image_size=...) does both")
 
     def _check_finite(self, x, what: str) -> None:
         xp = array_module(x)

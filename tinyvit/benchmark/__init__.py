@@ -8,13 +8,13 @@ variants kept and timed beside the winner, results written down in ``bench/READM
 Files: ``timing.py`` (interleaved timers, CUDA events, peak-memory meters), ``layers.py``
 (per-layer cases and the NumPy variants), ``models.py`` (training step, inference, layer
 split, token sweep), ``torch_ref.py`` (the PyTorch model), ``report.py`` (machine info,
-tables, JSON, PNG). The parameter/FLOP calculator is :mod:`tinyvit.flops`.
+tables, JSON, PNG). The parameter/FLOP calculator is :mod:`tinyvit.benchmark.flops`.
 
 Variants tried on NumPy (median, ViT-Ti/16 shapes, batch 8, float32; bench/README.md has the tables):
 
 - GELU exact: ``scipy.special.erf`` (the reference) 15-27 ms forward; A&S 7.1.26 from
   NumPy SIMD ufuncs over the whole array 13 ms (memory bound, 22 passes); the same in
-  L2-sized blocks 2.9 ms (kept, :mod:`tinyvit.kernels`); numexpr 30 ms (scalar ``expf``,
+  L2-sized blocks 2.9 ms (kept, :mod:`tinyvit.layers.kernels`); numexpr 30 ms (scalar ``expf``,
   no SIMD); numba without SVML 11 ms (scalar ``expf``): both lost, and were not added.
 - linear: ``x @ w.T`` on a 3-D ``x`` (a stack of B products) 4.2 ms vs one flattened
   ``(M, in) @ (in, out)`` 2.7 ms (kept).
@@ -30,7 +30,7 @@ import os
 import sys
 import time
 
-from .. import flops
+from . import flops
 
 QUICK = {"layers": ("vit_ti16",), "models": ("vit_ti16",), "batches": (8,), "repeats": 5}
 FULL = {"layers": ("vit_ti16", "vit_s16", "vit_b16"), "models": ("cifar", "vit_ti16", "vit_s16", "vit_b16"),

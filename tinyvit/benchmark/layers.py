@@ -13,15 +13,15 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .. import flops
-from ..attention import attention_backward, attention_forward, softmax_backward, softmax_forward
+from . import flops
+from ..layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
 from ..backend import get_backend
-from ..block import BLOCK_KEYS, block_backward, block_forward
-from ..gelu import GeluCache, gelu_backward, gelu_forward, gelu_reference_backward, gelu_reference_forward
-from ..layernorm import layernorm_backward, layernorm_forward
-from ..linear import linear_backward, linear_forward
-from ..mlp import mlp_backward, mlp_forward
-from ..patch_embed import patch_embed_backward, patch_embed_forward
+from ..layers.block import BLOCK_KEYS, block_backward, block_forward
+from ..layers.gelu import GeluCache, gelu_backward, gelu_forward, gelu_reference_backward, gelu_reference_forward
+from ..layers.layernorm import layernorm_backward, layernorm_forward
+from ..layers.linear import linear_backward, linear_forward
+from ..layers.mlp import mlp_backward, mlp_forward
+from ..layers.patch_embed import patch_embed_backward, patch_embed_forward
 from . import timing, torch_ref
 
 LAYERS = ("patch_embed", "linear", "layernorm", "gelu", "gelu_tanh", "softmax", "attention", "mlp", "block")

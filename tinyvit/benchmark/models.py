@@ -9,9 +9,9 @@ import pstats
 
 import numpy as np
 
-from .. import flops
+from . import flops
 from ..backend import get_backend
-from ..loss import softmax_cross_entropy
+from ..layers.loss import softmax_cross_entropy
 from ..model import ViTConfig, VisionTransformer
 from . import timing, torch_ref
 

@@ -8,7 +8,7 @@ import platform
 
 import numpy as np
 
-from ..checkpoint import atomic_save_figure, atomic_write
+from ..training.checkpoint import atomic_save_figure, atomic_write
 
 
 def machine_info() -> dict:

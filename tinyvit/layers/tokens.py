@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import array_module
+from ..backend import array_module
 
 
 class PrefixCache(NamedTuple):

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import to_host
+from ..backend import to_host
 
 FORMAT = "tinyvit-checkpoint-1"
 HASH_KEY = "tinyvit.sha256"

@@ -22,7 +22,7 @@ import math
 from typing import NamedTuple
 
 from . import kernels
-from .backend import array_module, erf
+from ..backend import array_module, erf
 
 APPROXIMATIONS = ("none", "tanh")
 _SQRT_HALF = math.sqrt(0.5)
@@ -39,7 +39,7 @@ class GeluCache(NamedTuple):
 def gelu_forward(x, approximate: str = "none"):
     """``x: (...) -> out: (...)``, same shape and dtype; cache: x.
 
-    float32 runs the fused kernel of :mod:`tinyvit.kernels` (equal to the reference below
+    float32 runs the fused kernel of :mod:`tinyvit.layers.kernels` (equal to the reference below
     within float32 rounding, ``tests/test_bench_kernels.py``); otherwise the reference.
     """
     if approximate not in APPROXIMATIONS:

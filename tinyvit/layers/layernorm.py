@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .backend import array_module
+from ..backend import array_module
 
 
 class LayerNormCache(NamedTuple):

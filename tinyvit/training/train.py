@@ -34,8 +34,8 @@ from . import augment
 from .checkpoint import atomic_save_figure, atomic_write, load_checkpoint, restore, save_checkpoint
 from .data import Normalizer, batches, epoch_order, load_dataset, split, to_backend
 from .distill import hard_distillation_backward, hard_distillation_forward
-from .loss import softmax_cross_entropy
-from .model import VisionTransformer
+from ..layers.loss import softmax_cross_entropy
+from ..model import VisionTransformer
 from .optim import build_optimizer, clip_grad_norm, grad_global_norm, warmup_cosine
 
 CHECKPOINT_NAME = "checkpoint.safetensors"

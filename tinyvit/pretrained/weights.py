@@ -3,7 +3,7 @@
 Files are recognised by their first bytes, not their names:
 
 - ``.safetensors`` (8-byte header length, then a JSON header) and ``.npz`` (a zip of
-  ``.npy``, ``allow_pickle=False``): :func:`tinyvit.checkpoint.load_arrays`, which also
+  ``.npy``, ``allow_pickle=False``): :func:`tinyvit.training.checkpoint.load_arrays`, which also
   checks the checksum of files tinyvit wrote. bfloat16 safetensors are widened to float32
   through PyTorch when it is installed.
 - ``.pth`` / ``.pt`` / ``.bin`` (a zip holding ``data.pkl``, or PyTorch's legacy format):
@@ -13,10 +13,10 @@ Nothing is ever unpickled with code execution allowed. A missing, truncated or f
 file raises ``ValueError``/``FileNotFoundError`` naming the file and what is wrong.
 
 :func:`load_pretrained` is the one-call path: file -> layout (timm / torchvision /
-Hugging Face, :mod:`tinyvit.convert`) -> config inferred from shapes -> position
+Hugging Face, :mod:`tinyvit.pretrained.convert`) -> config inferred from shapes -> position
 embeddings resampled if another image size is asked for -> :class:`VisionTransformer`.
 :func:`save_state_dict` writes ``.safetensors`` or ``.npz`` atomically (a temp file in
-the same folder, then ``os.replace``, by :mod:`tinyvit.checkpoint`); :func:`export_pretrained` writes a model in timm's
+the same folder, then ``os.replace``, by :mod:`tinyvit.training.checkpoint`); :func:`export_pretrained` writes a model in timm's
 (or torchvision's, Hugging Face's) layout.
 """
 from __future__ import annotations
@@ -98,8 +98,8 @@ def read_state_dict(path) -> dict:
 
 
 def _read_arrays(path: str) -> dict:
-    """``.safetensors`` / ``.npz`` through :func:`tinyvit.checkpoint.load_arrays` (checksums, clear errors)."""
-    from .checkpoint import load_arrays
+    """``.safetensors`` / ``.npz`` through :func:`tinyvit.training.checkpoint.load_arrays` (checksums, clear errors)."""
+    from ..training.checkpoint import load_arrays
 
     try:
         return load_arrays(path)
@@ -163,8 +163,8 @@ def _unwrap_torch(obj, path: str) -> dict:
 # ------------------------------------------------------------------ writing files
 def save_state_dict(path, state_dict: dict) -> None:
     """Write ``{key: array}`` as ``.safetensors`` or ``.npz`` (by the suffix), atomically, with a
-    checksum (:func:`tinyvit.checkpoint.save_arrays`). Non-finite weights are refused."""
-    from .checkpoint import save_arrays
+    checksum (:func:`tinyvit.training.checkpoint.save_arrays`). Non-finite weights are refused."""
+    from ..training.checkpoint import save_arrays
 
     for key, value in state_dict.items():
         a = np.asarray(value)
@@ -322,13 +322,13 @@ def load_pretrained(path, *, layout: str | None = None, heads: int | None = None
     """A timm / torchvision / Hugging Face ViT checkpoint -> a :class:`~tinyvit.VisionTransformer`.
 
     ``layout`` is detected from the keys; the config is inferred from the shapes
-    (:func:`tinyvit.convert.infer_config`): ``heads`` defaults to the standard count
+    (:func:`tinyvit.pretrained.convert.infer_config`): ``heads`` defaults to the standard count
     for the width, ``layer_norm_eps`` to the layout's (1e-6 timm/torchvision, 1e-12
     Hugging Face, or its ``config.json``). ``image_size`` other than the checkpoint's
     resamples the position embedding (:func:`resample_pos_embed`, timm's antialiased
     bicubic unless ``antialias=False``).
     """
-    from .model import VisionTransformer
+    from ..model import VisionTransformer
 
     ckpt = read_checkpoint(path, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
                            gelu=gelu, antialias=antialias)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .backend import array_module
+from ..backend import array_module
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .linear import LinearCache, linear_backward, linear_forward
 

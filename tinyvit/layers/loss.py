@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import array_module, is_backend_array, to_host
+from ..backend import array_module, is_backend_array, to_host
 
 
 class CrossEntropyCache(NamedTuple):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .backend import array_module
+from ..backend import array_module
 
 
 class PoolCache(NamedTuple):

@@ -19,8 +19,8 @@ from importlib import resources
 
 import numpy as np
 
-from .backend import array_module, to_host
-from .checkpoint import atomic_save_figure
+from ..backend import array_module, to_host
+from ..training.checkpoint import atomic_save_figure
 
 CLASS_FILE = "imagenet_classes.txt"
 
@@ -135,7 +135,7 @@ def _load(args):
     from .preprocess import preprocess
     from .weights import read_checkpoint
 
-    from .model import VisionTransformer
+    from ..model import VisionTransformer
 
     image_size = None if args.image_size is None else (args.image_size, args.image_size)
     ckpt = read_checkpoint(args.weights, layout=args.layout, heads=args.heads, layer_norm_eps=args.eps,

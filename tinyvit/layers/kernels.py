@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from .backend import array_module
+from ..backend import array_module
 
 # Abramowitz & Stegun 7.1.26; P2 folds in the 1/sqrt(2) of z = x / sqrt(2).
 _P2 = 0.3275911 * math.sqrt(0.5)

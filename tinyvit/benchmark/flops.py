@@ -34,7 +34,7 @@ bound and their time, not their FLOPs, is what the benchmarks compare.
 """
 from __future__ import annotations
 
-from .model import ViTConfig, param_shapes
+from ..model import ViTConfig, param_shapes
 
 # The three ViTs of the ViT paper / DeiT at 224 (timm's vit_{tiny,small,base}_patch16_224)
 # and the CIFAR-size model of the benchmarks.

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, to_host
+from ..backend import array_module, to_host
 
 NO_DECAY_KEYS = ("cls_token", "dist_token", "pos_embed")
 

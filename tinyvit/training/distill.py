@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .backend import array_module
-from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..backend import array_module
+from ..layers.loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 
 
 class DistillCache(NamedTuple):
