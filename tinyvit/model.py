@@ -30,6 +30,7 @@ import numpy as np
 from .backend import Backend, array_module, check_dtype_name, get_backend, is_backend_array, to_host
 from .layers.block import BLOCK_KEYS, block_backward, block_forward
 from .layers.dropout import dropout_backward, dropout_forward
+from .layers.flash_attention import DEFAULT_BLOCK, check_block, flash_probabilities
 from .layers.gelu import APPROXIMATIONS
 from .layers.head import mean_pool_forward, pool_backward, token_pool_forward
 from .layers.layernorm import layernorm_backward, layernorm_forward
@@ -40,6 +41,7 @@ from .layers.tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed
 
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos1d", "sincos2d")
+ATTN_IMPLS = ("plain", "flash")
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -91,6 +93,8 @@ class ViTConfig:
     pos_embed: str = "learned"  # "learned", or fixed "sincos1d" / "sincos2d" tables
     distilled: bool = False  # DeiT: a distillation token and a second head (head_dist)
     qkv_bias: bool = True  # bias on the fused qkv projection
+    attn_impl: str = "plain"  # "plain": softmax(q k^T) kept for the backward; "flash": tiled, keeps O and L only
+    attn_block: int = DEFAULT_BLOCK  # flash: the tile side (queries and keys), chosen by measurement
 
     def __post_init__(self):
         size = self.image_size
@@ -119,6 +123,8 @@ class ViTConfig:
         _check_choice("pool", self.pool, POOLS)
         _check_choice("gelu", self.gelu, APPROXIMATIONS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
+        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        check_block(self.attn_block)
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
             raise ValueError(f"layer_norm_eps must be a finite float > 0, got {eps!r}")
@@ -263,10 +269,12 @@ class VisionTransformer:
     def __init__(self, image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12,
                  mlp_dim=3072, channels=3, dropout=0.0, emb_dropout=0.0, norm_first=True, pool="cls",
                  layer_norm_eps=1e-6, backend=None, dtype="float32", seed=0, *, attn_dropout=0.0,
-                 drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True):
+                 drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True,
+                 attn_impl="plain", attn_block=DEFAULT_BLOCK):
         self.config = ViTConfig(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels,
                                 dropout, emb_dropout, attn_dropout, drop_path_rate, norm_first, pool,
-                                layer_norm_eps, gelu, pos_embed, distilled, qkv_bias)
+                                layer_norm_eps, gelu, pos_embed, distilled, qkv_bias, attn_impl=attn_impl,
+                                attn_block=attn_block)
         self.backend: Backend = get_backend(backend)
         self.dtype = check_dtype_name(dtype)
         _check_int("seed", seed, minimum=0)
@@ -385,7 +393,8 @@ class VisionTransformer:
         for i, drop_path in enumerate(c.drop_path_rates()):
             x, block_cache = block_forward(
                 x, self._block_params(i), c.heads, c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
-                drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"))  # (B, N, D)
+                drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"), attn_impl=c.attn_impl,
+                attn_block=c.attn_block)  # (B, N, D)
             if keep_cache:
                 block_caches.append(block_cache)
 
@@ -490,9 +499,16 @@ class VisionTransformer:
 
     # ---------------------------------------------------------------- introspection
     def attention_maps(self) -> list:
-        """The attention probabilities of the last forward, one ``(B, NH, N, N)`` array per block."""
-        if self._cache is None:
-            raise RuntimeError("attention_maps needs a forward first")
+        """The attention probabilities of the last forward, one ``(B, NH, N, N)`` array per block.
+
+        With ``attn_impl="flash"`` nothing ``N x N`` was kept: each block's map is recomputed
+        here, on request, from its cached q, k and row logsumexp L (``exp(q k^T / sqrt(hs) - L)``,
+        the forward's probabilities before dropout), costing one ``(B, NH, N, N)`` array per block.
+        """
+        if self._cache is None or not self._cache.blocks:
+            raise RuntimeError("attention_maps needs a forward first (with keep_cache=True, the default)")
+        if self.config.attn_impl == "flash":
+            return [flash_probabilities(bc.attn.core) for bc in self._cache.blocks]
         return [bc.attn.att.out for bc in self._cache.blocks]
 
     def num_params(self) -> int:

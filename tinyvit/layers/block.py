@@ -25,6 +25,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .attention import AttentionCache, attention_backward, attention_forward
+from .flash_attention import (DEFAULT_BLOCK, FlashAttentionCache, flash_attention_backward,
+                              flash_attention_forward)
 from .dropout import DropoutCache, drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
 from .layernorm import LayerNormCache, layernorm_backward, layernorm_forward
 from .mlp import MlpCache, mlp_backward, mlp_forward
@@ -51,7 +53,7 @@ class BlockMasks(NamedTuple):
 class BlockCache(NamedTuple):
     norm_first: bool
     norm1: LayerNormCache
-    attn: AttentionCache
+    attn: AttentionCache | FlashAttentionCache
     proj_drop: DropoutCache
     path1: DropoutCache
     norm2: LayerNormCache
@@ -61,13 +63,22 @@ class BlockCache(NamedTuple):
 
 def block_forward(x, p: dict, heads: int, eps: float, norm_first: bool = True, dropout: float = 0.0,
                   attn_dropout: float = 0.0, drop_path: float = 0.0, approximate: str = "none",
-                  train: bool = False, rng=None, masks: BlockMasks | None = None):
-    """``x: (B, N, D) -> out: (B, N, D)``; cache: the caches of the two norms, attention, MLP and masks."""
+                  train: bool = False, rng=None, masks: BlockMasks | None = None, attn_impl: str = "plain",
+                  attn_block: int = DEFAULT_BLOCK):
+    """``x: (B, N, D) -> out: (B, N, D)``; cache: the caches of the two norms, attention, MLP and masks.
+
+    ``attn_impl``: ``"plain"`` (attention.py) or ``"flash"`` (flash_attention.py, tiles of ``attn_block``).
+    """
     m = masks or BlockMasks()
+    attn_args = (p["attn.qkv.weight"], p["attn.qkv.bias"], p["attn.proj.weight"], p["attn.proj.bias"], heads)
 
     def attention_branch(a):  # (B, N, D) -> (B, N, D)
-        a, attn_cache = attention_forward(a, p["attn.qkv.weight"], p["attn.qkv.bias"], p["attn.proj.weight"],
-                                          p["attn.proj.bias"], heads, attn_dropout, train, rng, m.attn)
+        if attn_impl == "flash":
+            a, attn_cache = flash_attention_forward(a, *attn_args, attn_block, attn_dropout, train, rng, m.attn)
+        elif attn_impl == "plain":
+            a, attn_cache = attention_forward(a, *attn_args, attn_dropout, train, rng, m.attn)
+        else:
+            raise ValueError(f"attn_impl must be 'plain' or 'flash', got {attn_impl!r}")
         a, proj_cache = dropout_forward(a, dropout, train, rng, m.proj)
         a, path_cache = drop_path_forward(a, drop_path, train, rng, m.path1)
         return a, attn_cache, proj_cache, path_cache
@@ -102,8 +113,9 @@ def block_backward(dout, cache: BlockCache):
     def attention_branch_backward(da):
         da = drop_path_backward(da, cache.path1)
         da = dropout_backward(da, cache.proj_drop)
+        backward = flash_attention_backward if isinstance(cache.attn, FlashAttentionCache) else attention_backward
         da, g["attn.qkv.weight"], g["attn.qkv.bias"], g["attn.proj.weight"], g["attn.proj.bias"] = \
-            attention_backward(da, cache.attn)
+            backward(da, cache.attn)
         return da
 
     def mlp_branch_backward(df):

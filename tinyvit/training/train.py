@@ -60,6 +60,8 @@ class TrainConfig:
     pool: str = "mean"  # mean of the patch tokens + fc_norm: learned faster than the class token here
     gelu: str = "tanh"  # cheaper than erf on the CPU; "none" is the exact GELU
     pos_embed: str = "learned"  # learned | sincos1d | sincos2d
+    attn_impl: str = "plain"  # plain | flash (tiled, memory linear in the tokens; docs/flash_attention.md)
+    attn_block: int = 128  # flash's tile side
     dropout: float = 0.1
     drop_path: float = 0.2
     # optimisation
@@ -127,7 +129,8 @@ def _build_model(cfg: TrainConfig, train_set) -> VisionTransformer:
         image_size=(height, width), patch_size=cfg.patch_size, num_classes=len(train_set.classes), dim=cfg.dim,
         depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, channels=channels, dropout=cfg.dropout,
         pool=cfg.pool, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, drop_path_rate=cfg.drop_path,
-        gelu=cfg.gelu, pos_embed=cfg.pos_embed, distilled=cfg.teacher is not None)
+        gelu=cfg.gelu, pos_embed=cfg.pos_embed, distilled=cfg.teacher is not None, attn_impl=cfg.attn_impl,
+        attn_block=cfg.attn_block)
 
 
 def load_model(path, backend=None, dtype=None) -> VisionTransformer:
@@ -436,6 +439,10 @@ def register(subparsers) -> None:
                         f"(default {d.pool}; cls with --teacher)")
     g.add_argument("--gelu", choices=("none", "tanh"), default=d.gelu)
     g.add_argument("--pos-embed", choices=("learned", "sincos1d", "sincos2d"), default=d.pos_embed)
+    g.add_argument("--attn-impl", choices=("plain", "flash"), default=d.attn_impl,
+                   help="attention: plain (keeps the N x N probabilities) or flash (tiled; keeps only the output "
+                        "and each row's logsumexp, recomputes the tiles in the backward)")
+    g.add_argument("--attn-block", type=int, default=d.attn_block, help="flash: tile side in tokens")
     g.add_argument("--dropout", type=float, default=d.dropout)
     g.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate of the last block")
     g = p.add_argument_group("optimisation")
