@@ -41,5 +41,8 @@ def model_on(backend, **kwargs):
     m.params = {k: backend.asarray(v) for k, v in state.items()}
     if m._fixed_pos is not None:
         m._fixed_pos = backend.asarray(np.asarray(m._fixed_pos))
+    for name in ("_rope_pos", "_rope_angles"):  # 2D RoPE's fixed tables
+        if getattr(m, name, None) is not None:
+            setattr(m, name, backend.asarray(np.asarray(getattr(m, name))))
     m.rng = backend.rng(kwargs.get("seed", 0))
     return m

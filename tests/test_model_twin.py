@@ -35,7 +35,7 @@ def compare_with_twin(m, x, masks=None, train=False):
         dx = m.backward(dcls)
     p = torch_params(m.state_dict())
     xt = torch.tensor(x, requires_grad=True)
-    fixed = None if m.config.pos_embed == "learned" else torch.tensor(np.asarray(m._fixed_pos))
+    fixed = None if m._fixed_pos is None else torch.tensor(np.asarray(m._fixed_pos))
     tmasks = None
     if masks:
         tmasks = {k: (torch.tensor(v) if not isinstance(v, BlockMasks)
@@ -69,7 +69,12 @@ def test_whole_model_matches_pytorch(norm_first, pool, image_size, channels):
     dict(pos_embed="sincos1d"),
     dict(pos_embed="sincos2d", pool="mean", norm_first=False),
     dict(layer_norm_eps=1e-5, depth=3),
-], ids=["distilled", "tanh-noqkvbias", "sincos1d", "sincos2d-mean-postnorm", "eps1e-5-depth3"])
+    dict(pos_embed="rope_axial", heads=4, dim=32),
+    dict(pos_embed="rope_mixed", heads=2),
+    dict(pos_embed="rope_mixed", distilled=True, norm_first=False, rope_theta=3.0),
+    dict(pos_embed="rope_mixed", pool="mean", qkv_bias=False),
+], ids=["distilled", "tanh-noqkvbias", "sincos1d", "sincos2d-mean-postnorm", "eps1e-5-depth3", "rope-axial",
+        "rope-mixed", "rope-mixed-distilled-postnorm-theta3", "rope-mixed-mean"])
 def test_model_variants_match_pytorch(variant):
     kw = dict(image_size=(8, 12), patch_size=4, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=20, channels=3)
     m = perturbed_model(**{**kw, **variant})

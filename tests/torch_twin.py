@@ -17,12 +17,50 @@ def torch_params(state_dict: dict, dtype=torch.float64) -> dict:
     return {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=True) for k, v in state_dict.items()}
 
 
-def torch_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None, attn_p=0.0):
-    """timm's Attention; ``attn_mask`` (bool keep-mask) applies inverted dropout to the probabilities."""
+# ---- 2D RoPE as the RoPE-ViT paper writes it (Heo et al. 2024, its reference code's structure):
+# positions t_x = n mod W, t_y = n div W; each head's pairs as complex numbers, multiplied by
+# cis(angle) = torch.polar(1, angle); the class token (the first T tokens) is not rotated.
+def rope_t_xy(end_x, end_y):
+    t = torch.arange(end_x * end_y, dtype=torch.float64)
+    return t % end_x, torch.div(t, end_x, rounding_mode="floor")
+
+
+def rope_axial_cis(head_dim, end_x, end_y, theta=100.0):
+    """(Np, hs/2) complex: x angles on the first hs/4 pairs, y angles on the rest."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].to(torch.float64) / head_dim))
+    t_x, t_y = rope_t_xy(end_x, end_y)
+    fx, fy = torch.outer(t_x, freqs), torch.outer(t_y, freqs)
+    return torch.cat([torch.polar(torch.ones_like(fx), fx), torch.polar(torch.ones_like(fy), fy)], dim=-1)
+
+
+def rope_mixed_cis(freqs, end_x, end_y, heads):
+    """freqs (2, depth, heads * hs/2) -> (depth, heads, Np, hs/2) complex, differentiable in freqs."""
+    t_x, t_y = rope_t_xy(end_x, end_y)
+    n, depth = t_x.shape[0], freqs.shape[1]
+    fx = (t_x.unsqueeze(-1) @ freqs[0].unsqueeze(-2)).view(depth, n, heads, -1).permute(0, 2, 1, 3)
+    fy = (t_y.unsqueeze(-1) @ freqs[1].unsqueeze(-2)).view(depth, n, heads, -1).permute(0, 2, 1, 3)
+    angles = fx + fy
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rope_apply(x, cis):
+    """x (B, NH, Np, hs) real, cis (Np, hs/2) or (NH, Np, hs/2) complex -> x turned, (B, NH, Np, hs)."""
+    xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * cis).flatten(3)
+
+
+def torch_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None, attn_p=0.0, rope_cis=None,
+                    num_prefix=1):
+    """timm's Attention; ``attn_mask`` (bool keep-mask) applies inverted dropout to the probabilities;
+    ``rope_cis`` turns q and k past the ``num_prefix`` tokens (RoPE-ViT's Attention)."""
     B, N, D = x.shape
     hs = D // heads
     qkv = F.linear(x, qkv_w, qkv_b).reshape(B, N, 3, heads, hs).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
+    if rope_cis is not None:
+        t = num_prefix
+        q = torch.cat([q[:, :, :t], rope_apply(q[:, :, t:], rope_cis)], dim=2)
+        k = torch.cat([k[:, :, :t], rope_apply(k[:, :, t:], rope_cis)], dim=2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
     att = att.softmax(dim=-1)
     if attn_mask is not None:
@@ -36,13 +74,13 @@ def _drop(x, mask, p):
 
 
 def torch_block(x, p, prefix, heads, eps, norm_first, approximate="none", masks=None, dropout=0.0,
-                attn_dropout=0.0, drop_path=0.0):
+                attn_dropout=0.0, drop_path=0.0, rope_cis=None, num_prefix=1):
     g = lambda k: p.get(prefix + k)  # noqa: E731
     m = masks or {}
 
     def attn(a):
         a = torch_attention(a, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
-                            g("attn.proj.bias"), heads, m.get("attn"), attn_dropout)
+                            g("attn.proj.bias"), heads, m.get("attn"), attn_dropout, rope_cis, num_prefix)
         return _drop(_drop(a, m.get("proj"), dropout), m.get("path1"), drop_path)
 
     def mlp(h):
@@ -70,13 +108,20 @@ def torch_vit_forward(x, p, config, masks=None, fixed_pos=None):
     if c.distilled:
         prefix.append(p["dist_token"].expand(B, -1, -1))
     x = torch.cat(prefix + [x], dim=1)
-    x = x + (p["pos_embed"] if c.pos_embed == "learned" else fixed_pos)
+    gh, gw = c.grid
+    cis = [None] * c.depth
+    if c.pos_embed == "rope_axial":
+        cis = [rope_axial_cis(c.dim // c.heads, gw, gh, c.rope_theta)] * c.depth
+    elif c.pos_embed == "rope_mixed":
+        cis = rope_mixed_cis(p["rope.freqs"].reshape(2, c.depth, -1), gw, gh, c.heads)
+    else:
+        x = x + (p["pos_embed"] if c.pos_embed == "learned" else fixed_pos)
     x = _drop(x, masks.get("emb"), c.emb_dropout)
     for i, dp in enumerate(c.drop_path_rates()):
         bm = masks.get(f"blocks.{i}")
         bm = {k: v for k, v in bm._asdict().items() if v is not None} if bm is not None else None
         x = torch_block(x, p, f"blocks.{i}.", c.heads, c.layer_norm_eps, c.norm_first, c.gelu, bm,
-                        c.dropout, c.attn_dropout, dp)
+                        c.dropout, c.attn_dropout, dp, cis[i], c.num_prefix_tokens)
     T = c.num_prefix_tokens
     if c.pool == "cls":
         x = F.layer_norm(x, (c.dim,), p["norm.weight"], p["norm.bias"], c.layer_norm_eps)

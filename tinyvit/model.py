@@ -11,7 +11,7 @@ distillation token in DeiT), ``N = T + Np`` tokens, ``D`` width, ``NH`` heads,
 Data flow::
 
     x (B, C, H, W) -> patch_embed -> (B, Np, D) -> [cls, (dist)] + pos_embed -> (B, N, D)
-      -> dropout -> blocks x depth -> (B, N, D)
+      -> dropout -> blocks x depth -> (B, N, D)        (2D RoPE: no pos_embed; q, k turned in attention)
       -> pool="cls":  norm (every token) -> token 0 -> head -> logits (B, K)
          pool="mean": mean of patch tokens -> fc_norm -> head -> logits (B, K)
 
@@ -36,11 +36,13 @@ from .layers.head import mean_pool_forward, pool_backward, token_pool_forward
 from .layers.layernorm import layernorm_backward, layernorm_forward
 from .layers.linear import linear_backward, linear_forward
 from .layers.patch_embed import patch_embed_backward, patch_embed_forward
+from .layers.rope import (DEFAULT_THETA, ROPE_KINDS, rope_angles_backward, rope_angles_forward, rope_axial_freqs,
+                          rope_mixed_freqs, rope_positions)
 from .layers.tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
                      prepend_tokens_forward)
 
 POOLS = ("cls", "mean")
-POS_EMBEDS = ("learned", "sincos1d", "sincos2d")
+POS_EMBEDS = ("learned", "sincos1d", "sincos2d") + ROPE_KINDS  # rope_*: 2D RoPE (layers/rope.py)
 ATTN_IMPLS = ("plain", "flash")
 
 
@@ -90,11 +92,12 @@ class ViTConfig:
     pool: str = "cls"  # "cls": class token + norm; "mean": mean of patch tokens + fc_norm
     layer_norm_eps: float = 1e-6  # timm uses 1e-6; PyTorch's LayerNorm default is 1e-5
     gelu: str = "none"  # "none": exact erf GELU; "tanh": the tanh approximation
-    pos_embed: str = "learned"  # "learned", or fixed "sincos1d" / "sincos2d" tables
+    pos_embed: str = "learned"  # "learned", fixed "sincos1d" / "sincos2d" tables, or 2D RoPE "rope_axial" / "rope_mixed"
     distilled: bool = False  # DeiT: a distillation token and a second head (head_dist)
     qkv_bias: bool = True  # bias on the fused qkv projection
     attn_impl: str = "plain"  # "plain": softmax(q k^T) kept for the backward; "flash": tiled, keeps O and L only
     attn_block: int = DEFAULT_BLOCK  # flash: the tile side (queries and keys), chosen by measurement
+    rope_theta: float | None = None  # 2D RoPE frequency base; None: the paper's (100 axial, 10 mixed)
 
     def __post_init__(self):
         size = self.image_size
@@ -134,6 +137,18 @@ class ViTConfig:
             raise ValueError(f"pos_embed='sincos1d' needs an even dim, got {self.dim}")
         if self.pos_embed == "sincos2d" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos2d' needs dim divisible by 4, got {self.dim}")
+        if self.pos_embed in ROPE_KINDS:
+            head_size = self.dim // self.heads
+            if head_size % 4:
+                raise ValueError(f"pos_embed={self.pos_embed!r} needs a head size (dim / heads) divisible by 4, "
+                                 f"got {self.dim} / {self.heads} = {head_size}; valid head counts for dim "
+                                 f"{self.dim}: {[h for h in range(1, self.dim + 1) if self.dim % (4 * h) == 0]}")
+            theta = DEFAULT_THETA[self.pos_embed] if self.rope_theta is None else self.rope_theta
+            if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+                raise ValueError(f"rope_theta must be a finite float > 0, got {theta!r}")
+            object.__setattr__(self, "rope_theta", float(theta))
+        elif self.rope_theta is not None:
+            raise ValueError(f"rope_theta is for pos_embed='rope_axial' or 'rope_mixed', not {self.pos_embed!r}")
 
     @property
     def grid(self) -> tuple:
@@ -177,6 +192,8 @@ def param_shapes(config: ViTConfig) -> dict:
         shapes["dist_token"] = (1, 1, c.dim)
     if c.pos_embed == "learned":
         shapes["pos_embed"] = (1, c.num_tokens, c.dim)
+    if c.pos_embed == "rope_mixed":  # timm's RotaryEmbeddingMixed layout: (x|y, block, head, pair)
+        shapes["rope.freqs"] = (2, c.depth, c.heads, c.dim // c.heads // 2)
     shapes["patch_embed.proj.weight"] = (c.dim, c.channels, c.patch_size, c.patch_size)
     shapes["patch_embed.proj.bias"] = (c.dim,)
     block_shapes = {
@@ -207,7 +224,8 @@ def init_params(config: ViTConfig, seed) -> dict:
 
     Linear weights and the position embedding: truncated normal, std 0.02, cut at +-2 std;
     biases 0; LayerNorm weight 1, bias 0; class/distillation tokens: normal, std 1e-6;
-    the patch projection keeps PyTorch's Conv2d default, uniform in +-1/sqrt(C*P*P).
+    the patch projection keeps PyTorch's Conv2d default, uniform in +-1/sqrt(C*P*P);
+    RoPE-Mixed frequencies: the paper's (axial magnitudes, a random direction per block and head).
     """
     rng = np.random.default_rng(seed)
 
@@ -225,6 +243,9 @@ def init_params(config: ViTConfig, seed) -> dict:
             params[key] = rng.standard_normal(shape) * 1e-6
         elif key == "pos_embed":
             params[key] = trunc_normal(shape)
+        elif key == "rope.freqs":
+            params[key] = rope_mixed_freqs(config.dim // config.heads, config.heads, config.depth,
+                                           config.rope_theta, rng)
         elif key.startswith("patch_embed.proj."):
             bound = 1.0 / math.sqrt(config.channels * config.patch_size ** 2)
             params[key] = rng.uniform(-bound, bound, shape)
@@ -248,6 +269,7 @@ class ForwardCache(NamedTuple):
     final_norm: object  # LayerNormCache of norm (cls) or fc_norm (mean)
     pools: tuple  # PoolCache per head: (cls,) or (cls, dist)
     heads: tuple  # LinearCache per head
+    rope: object = None  # RopeAnglesCache of a rope_mixed model (its frequencies get a gradient)
 
 
 class VisionTransformer:
@@ -270,11 +292,11 @@ class VisionTransformer:
                  mlp_dim=3072, channels=3, dropout=0.0, emb_dropout=0.0, norm_first=True, pool="cls",
                  layer_norm_eps=1e-6, backend=None, dtype="float32", seed=0, *, attn_dropout=0.0,
                  drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True,
-                 attn_impl="plain", attn_block=DEFAULT_BLOCK):
+                 attn_impl="plain", attn_block=DEFAULT_BLOCK, rope_theta=None):
         self.config = ViTConfig(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels,
                                 dropout, emb_dropout, attn_dropout, drop_path_rate, norm_first, pool,
                                 layer_norm_eps, gelu, pos_embed, distilled, qkv_bias, attn_impl=attn_impl,
-                                attn_block=attn_block)
+                                attn_block=attn_block, rope_theta=rope_theta)
         self.backend: Backend = get_backend(backend)
         self.dtype = check_dtype_name(dtype)
         _check_int("seed", seed, minimum=0)
@@ -283,9 +305,16 @@ class VisionTransformer:
         self.rng = self.backend.rng(seed)
         c = self.config
         self._fixed_pos = None
-        if c.pos_embed != "learned":
+        if c.pos_embed in ("sincos1d", "sincos2d"):
             table = fixed_pos_embed(c.pos_embed, *c.grid, c.dim, c.num_prefix_tokens)
             self._fixed_pos = self.backend.asarray(table, dtype=self.dtype)  # (1, N, D), no gradient
+        self._rope_pos = self._rope_angles = None
+        if c.pos_embed in ROPE_KINDS:
+            pos = rope_positions(*c.grid)  # (2, Np): column, row of each patch
+            self._rope_pos = self.backend.asarray(pos, dtype=self.dtype)
+            if c.pos_embed == "rope_axial":  # fixed: one (1, Np, hs/2) table for every block and head
+                angles, _ = rope_angles_forward(rope_axial_freqs(c.dim // c.heads, c.rope_theta), pos)
+                self._rope_angles = self.backend.asarray(angles, dtype=self.dtype)
         self._cache: ForwardCache | None = None
 
     @classmethod
@@ -332,6 +361,10 @@ class VisionTransformer:
         if height % patch or width % patch:
             raise ValueError(f"image is {height}x{width}, not divisible by the patch size {patch}; the nearest "
                              f"valid size is {_nearest_multiple(height, patch)}x{_nearest_multiple(width, patch)}")
+        if (height, width) != c.image_size and c.pos_embed in ROPE_KINDS:
+            raise ValueError(f"image is {height}x{width} but the model expects {c.image_size[0]}x{c.image_size[1]}; "
+                             f"a 2D RoPE model reads any size with the same weights: build one with "
+                             f"image_size=({height}, {width}) and load this model's state_dict (nothing to resample)")
         if (height, width) != c.image_size:
             raise ValueError(f"image is {height}x{width} but the model expects {c.image_size[0]}x{c.image_size[1]}; "
                              f"resize the image, or build a model with image_size=({height}, {width}) and "
@@ -386,15 +419,20 @@ class VisionTransformer:
         x, patch_cache = patch_embed_forward(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"])  # (B, Np, D)
         prefix = [p["cls_token"]] + ([p["dist_token"]] if c.distilled else [])
         x, prefix_cache = prepend_tokens_forward(x, *prefix)  # (B, N, D)
-        x, _ = add_pos_embed_forward(x, p["pos_embed"] if c.pos_embed == "learned" else self._fixed_pos)
+        if c.pos_embed not in ROPE_KINDS:  # RoPE adds nothing here: it turns q and k inside attention
+            x, _ = add_pos_embed_forward(x, p["pos_embed"] if c.pos_embed == "learned" else self._fixed_pos)
         x, emb_cache = dropout_forward(x, c.emb_dropout, train, rng, masks.get("emb"))
 
         block_caches = []
+        rope_cache = None
         for i, drop_path in enumerate(c.drop_path_rates()):
+            angles = self._rope_angles  # (1, Np, hs/2) axial, None without RoPE
+            if c.pos_embed == "rope_mixed":  # this block's learned frequencies -> (NH, Np, hs/2)
+                angles, rope_cache = rope_angles_forward(p["rope.freqs"][:, i], self._rope_pos)
             x, block_cache = block_forward(
                 x, self._block_params(i), c.heads, c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
                 drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"), attn_impl=c.attn_impl,
-                attn_block=c.attn_block)  # (B, N, D)
+                attn_block=c.attn_block, rope_angles=angles, num_prefix=c.num_prefix_tokens)  # (B, N, D)
             if keep_cache:
                 block_caches.append(block_cache)
 
@@ -411,7 +449,7 @@ class VisionTransformer:
 
         if keep_cache:
             self._cache = ForwardCache(batch, patch_cache, prefix_cache, emb_cache, block_caches, norm_cache,
-                                       tuple(pc for _, pc in pooled), tuple(lc for _, lc in logits))
+                                       tuple(pc for _, pc in pooled), tuple(lc for _, lc in logits), rope_cache)
         cls_logits = logits[0][0]  # (B, K)
         dist_logits = logits[1][0] if len(logits) > 1 else None
         return cls_logits, dist_logits
@@ -475,18 +513,23 @@ class VisionTransformer:
             dv, g[f"{norm}.weight"], g[f"{norm}.bias"] = layernorm_backward(dpooled[0], cache.final_norm)  # (B, D)
             dx = pool_backward(dv, cache.pools[0])  # (B, N, D)
 
+        dfreqs = [None] * c.depth
         for i in reversed(range(c.depth)):
             dx, block_grads = block_backward(dx, cache.blocks[i])  # (B, N, D)
             if not keep_cache:
                 cache.blocks[i] = None  # free this block's activations now
+            dangles = block_grads.pop("attn.rope_angles", None)  # (NH, Np, hs/2) under RoPE
+            if c.pos_embed == "rope_mixed":
+                dfreqs[i] = rope_angles_backward(dangles, cache.rope)  # (2, NH, hs/2)
             for key, value in block_grads.items():
                 if value is not None:
                     g[f"blocks.{i}.{key}"] = value
 
         dx = dropout_backward(dx, cache.emb_dropout)
-        dx, dpos = add_pos_embed_backward(dx)  # (B, N, D), (1, N, D)
         if c.pos_embed == "learned":
-            g["pos_embed"] = dpos
+            dx, g["pos_embed"] = add_pos_embed_backward(dx)  # (B, N, D), (1, N, D)
+        if c.pos_embed == "rope_mixed":
+            g["rope.freqs"] = array_module(dx).stack(dfreqs, axis=1)  # (2, depth, NH, hs/2)
         dx, *dprefix = prepend_tokens_backward(dx, cache.prefix)  # (B, Np, D), (1, 1, D) each
         g["cls_token"] = dprefix[0]
         if c.distilled:

@@ -13,6 +13,10 @@ Forward::
     y = dropout(att) @ v                             (B, NH, N, hs) -> (B, N, D)
     out = y @ W_proj.T + b_proj                      (B, N, D)
 
+With 2D RoPE (``rope_angles``, tinyvit/layers/rope.py) q and k are turned right after the
+split, the ``num_prefix`` class/distillation tokens left as they are; the backward turns
+dq and dk back and also returns the gradient of the angles.
+
 Softmax backward: ``s = softmax(z)`` has Jacobian ``diag(s) - s s^T``, so per row::
 
     dz = s * (ds - sum(ds * s))
@@ -33,6 +37,7 @@ from typing import NamedTuple
 from ..backend import array_module
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .linear import LinearCache, linear_backward, linear_forward
+from .rope import RopeCache, rope_backward, rope_forward
 
 
 class SoftmaxCache(NamedTuple):
@@ -69,15 +74,18 @@ class AttentionCache(NamedTuple):
     proj: LinearCache
     heads: int
     scale: float
+    rope_q: RopeCache | None = None  # 2D RoPE on q and k (q and k above are the turned ones)
+    rope_k: RopeCache | None = None
 
 
 def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: float = 0.0,
-                      train: bool = False, rng=None, attn_mask=None):
+                      train: bool = False, rng=None, attn_mask=None, rope_angles=None, num_prefix: int = 1):
     """Multi-head self-attention.
 
     ``x: (B, N, D), qkv_w: (3D, D), qkv_b: (3D,) | None, proj_w: (D, D), proj_b: (D,)
     -> out: (B, N, D)``; cache: q, k, v ``(B, NH, N, hs)``, att ``(B, NH, N, N)``, dropout mask.
     ``attn_mask`` injects the attention-dropout keep-mask ``(B, NH, N, N)``.
+    ``rope_angles: (NH or 1, N - num_prefix, hs/2)`` turns q and k (2D RoPE) past the prefix tokens.
     """
     batch, tokens, dim = x.shape
     head_size = dim // heads
@@ -85,6 +93,10 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: fl
     qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)  # (B, N, D) @ (D, 3D) -> (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, N, hs) each
+    rope_q = rope_k = None
+    if rope_angles is not None:
+        q, rope_q = rope_forward(q, rope_angles, num_prefix)  # (B, NH, N, hs), turned by position
+        k, rope_k = rope_forward(k, rope_angles, num_prefix)
     scores = q @ k.swapaxes(-1, -2)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
     scores *= scale
     att, att_cache = softmax_forward(scores)  # (B, NH, N, N)
@@ -92,12 +104,13 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: fl
     y = att_d @ v  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
     y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)  # (B, N, NH, hs) -> (B, N, D)
     out, proj_cache = linear_forward(y, proj_w, proj_b)  # (B, N, D) @ (D, D) -> (B, N, D)
-    cache = AttentionCache(qkv_cache, q, k, v, att_cache, drop_cache, att_d, proj_cache, heads, scale)
+    cache = AttentionCache(qkv_cache, q, k, v, att_cache, drop_cache, att_d, proj_cache, heads, scale, rope_q, rope_k)
     return out, cache
 
 
 def attention_backward(dout, cache: AttentionCache):
-    """``dout: (B, N, D) -> dx: (B, N, D), dqkv_w: (3D, D), dqkv_b: (3D,) | None, dproj_w: (D, D), dproj_b: (D,)``."""
+    """``dout: (B, N, D) -> dx: (B, N, D), dqkv_w: (3D, D), dqkv_b: (3D,) | None, dproj_w: (D, D), dproj_b: (D,)``,
+    and a sixth, ``drope_angles: (NH or 1, Np, hs/2)``, when the forward turned q and k (2D RoPE)."""
     xp = array_module(dout)
     batch, tokens, dim = dout.shape
     heads, scale = cache.heads, cache.scale
@@ -123,6 +136,13 @@ def attention_backward(dout, cache: AttentionCache):
     xp.matmul(dscores.swapaxes(-1, -2), cache.q, out=dk)  # dk = dscores^T @ q -> (B, NH, N, hs)
     dk *= scale
     del dscores
+    drope = None
+    if cache.rope_q is not None:  # q and k were turned: turn their gradients back, collect the angles'
+        dq[...], drope_q = rope_backward(dq, cache.rope_q)
+        dk[...], drope_k = rope_backward(dk, cache.rope_k)
+        drope = drope_q + drope_k
     dqkv = dqkv.reshape(batch, tokens, 3 * dim)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)  # (B, N, D)
+    if drope is not None:
+        return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, drope
     return dx, dqkv_w, dqkv_b, dproj_w, dproj_b

@@ -18,7 +18,8 @@ gradient arrives twice and is added: ``dx = dh (skip) + df/dx^T dh (branch)``.
 
 Parameters come in as a dict with the block's timm keys without the ``blocks.{i}.``
 prefix (``norm1.weight``, ``attn.qkv.weight``, ``mlp.fc1.weight``, ...); the
-gradients go out as a dict with the same keys.
+gradients go out as a dict with the same keys, plus ``attn.rope_angles`` (the gradient of
+the 2D RoPE angles, not a parameter) when the block turned q and k.
 """
 from __future__ import annotations
 
@@ -64,19 +65,21 @@ class BlockCache(NamedTuple):
 def block_forward(x, p: dict, heads: int, eps: float, norm_first: bool = True, dropout: float = 0.0,
                   attn_dropout: float = 0.0, drop_path: float = 0.0, approximate: str = "none",
                   train: bool = False, rng=None, masks: BlockMasks | None = None, attn_impl: str = "plain",
-                  attn_block: int = DEFAULT_BLOCK):
+                  attn_block: int = DEFAULT_BLOCK, rope_angles=None, num_prefix: int = 1):
     """``x: (B, N, D) -> out: (B, N, D)``; cache: the caches of the two norms, attention, MLP and masks.
 
     ``attn_impl``: ``"plain"`` (attention.py) or ``"flash"`` (flash_attention.py, tiles of ``attn_block``).
+    ``rope_angles: (NH or 1, N - num_prefix, hs/2)`` turns the attention's q and k (2D RoPE, rope.py).
     """
     m = masks or BlockMasks()
     attn_args = (p["attn.qkv.weight"], p["attn.qkv.bias"], p["attn.proj.weight"], p["attn.proj.bias"], heads)
 
     def attention_branch(a):  # (B, N, D) -> (B, N, D)
         if attn_impl == "flash":
-            a, attn_cache = flash_attention_forward(a, *attn_args, attn_block, attn_dropout, train, rng, m.attn)
+            a, attn_cache = flash_attention_forward(a, *attn_args, attn_block, attn_dropout, train, rng, m.attn,
+                                                    rope_angles, num_prefix)
         elif attn_impl == "plain":
-            a, attn_cache = attention_forward(a, *attn_args, attn_dropout, train, rng, m.attn)
+            a, attn_cache = attention_forward(a, *attn_args, attn_dropout, train, rng, m.attn, rope_angles, num_prefix)
         else:
             raise ValueError(f"attn_impl must be 'plain' or 'flash', got {attn_impl!r}")
         a, proj_cache = dropout_forward(a, dropout, train, rng, m.proj)
@@ -114,8 +117,10 @@ def block_backward(dout, cache: BlockCache):
         da = drop_path_backward(da, cache.path1)
         da = dropout_backward(da, cache.proj_drop)
         backward = flash_attention_backward if isinstance(cache.attn, FlashAttentionCache) else attention_backward
-        da, g["attn.qkv.weight"], g["attn.qkv.bias"], g["attn.proj.weight"], g["attn.proj.bias"] = \
+        da, g["attn.qkv.weight"], g["attn.qkv.bias"], g["attn.proj.weight"], g["attn.proj.bias"], *drope = \
             backward(da, cache.attn)
+        if drope:
+            g["attn.rope_angles"] = drope[0]
         return da
 
     def mlp_branch_backward(df):

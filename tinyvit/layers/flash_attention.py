@@ -43,6 +43,7 @@ import numpy as np
 
 from ..backend import array_module
 from .linear import LinearCache, linear_backward, linear_forward
+from .rope import RopeCache, rope_backward, rope_forward
 
 DEFAULT_BLOCK = 128  # tile side; measured on ViT-Ti/16 shapes (docs/flash_attention.md, "Choosing the tile")
 
@@ -221,10 +222,13 @@ class FlashAttentionCache(NamedTuple):
     core: FlashCoreCache
     proj: LinearCache
     heads: int
+    rope_q: RopeCache | None = None  # 2D RoPE on q and k (rope.py)
+    rope_k: RopeCache | None = None
 
 
 def flash_attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, block: int = DEFAULT_BLOCK,
-                            attn_drop: float = 0.0, train: bool = False, rng=None, attn_mask=None):
+                            attn_drop: float = 0.0, train: bool = False, rng=None, attn_mask=None, rope_angles=None,
+                            num_prefix: int = 1):
     """Multi-head self-attention with the tiled core; the same arguments and result as
     :func:`tinyvit.layers.attention.attention_forward`, plus ``block``.
 
@@ -236,15 +240,20 @@ def flash_attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, block: 
     scale = 1.0 / math.sqrt(head_size)
     qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)  # (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
-    q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, N, hs) each; a q/k rotation (RoPE) would act here
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, N, hs) each
+    rope_q = rope_k = None
+    if rope_angles is not None:  # 2D RoPE: q and k turned by patch position, as in attention_forward
+        q, rope_q = rope_forward(q, rope_angles, num_prefix)
+        k, rope_k = rope_forward(k, rope_angles, num_prefix)
     y, core = flash_core_forward(q, k, v, scale, block, attn_drop, train, rng, attn_mask)  # (B, NH, N, hs)
     y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)  # (B, N, D)
     out, proj_cache = linear_forward(y, proj_w, proj_b)
-    return out, FlashAttentionCache(qkv_cache, core, proj_cache, heads)
+    return out, FlashAttentionCache(qkv_cache, core, proj_cache, heads, rope_q, rope_k)
 
 
 def flash_attention_backward(dout, cache: FlashAttentionCache):
-    """``dout: (B, N, D) -> dx, dqkv_w, dqkv_b, dproj_w, dproj_b`` (as ``attention_backward``)."""
+    """``dout: (B, N, D) -> dx, dqkv_w, dqkv_b, dproj_w, dproj_b`` (as ``attention_backward``), and
+    ``drope_angles`` sixth when the forward turned q and k (2D RoPE)."""
     xp = array_module(dout)
     batch, tokens, dim = dout.shape
     heads = cache.heads
@@ -252,7 +261,14 @@ def flash_attention_backward(dout, cache: FlashAttentionCache):
     dy, dproj_w, dproj_b = linear_backward(dout, cache.proj)  # (B, N, D)
     dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
     dq, dk, dv = flash_core_backward(dy, cache.core)
+    drope = None
+    if cache.rope_q is not None:  # turn the gradients of the turned q and k back; collect the angles'
+        dq, drope_q = rope_backward(dq, cache.rope_q)
+        dk, drope_k = rope_backward(dk, cache.rope_k)
+        drope = drope_q + drope_k
     dqkv = xp.stack([dq, dk, dv])  # (3, B, NH, N, hs): undo the split
     dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * dim)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)
+    if drope is not None:
+        return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, drope
     return dx, dqkv_w, dqkv_b, dproj_w, dproj_b

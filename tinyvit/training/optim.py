@@ -20,7 +20,8 @@ decoupled from the gradient statistics)::
     p  -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 No weight decay, as timm's ``param_groups_weight_decay``: 1-D parameters (LayerNorm
-weights and biases, all biases) and the ``cls_token``, ``dist_token`` and ``pos_embed``.
+weights and biases, all biases) and the ``cls_token``, ``dist_token`` and ``pos_embed``, and
+the learned 2D RoPE frequencies ``rope.freqs`` (RoPE-ViT's ``no_weight_decay``).
 
 Everything runs on the parameters' own array module (NumPy or CuPy); hyper-parameters
 are Python floats so float32 stays float32.
@@ -31,7 +32,7 @@ import math
 
 from ..backend import array_module, to_host
 
-NO_DECAY_KEYS = ("cls_token", "dist_token", "pos_embed")
+NO_DECAY_KEYS = ("cls_token", "dist_token", "pos_embed", "rope.freqs")
 
 
 def decays(key: str, shape) -> bool:
