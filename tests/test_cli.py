@@ -4,7 +4,7 @@ import pytest
 
 from tinyvit.cli import build_parser, main
 
-SUBCOMMANDS = ["train", "bench", "predict", "attention", "info"]
+SUBCOMMANDS = ["train", "bench", "predict", "attention", "info", "gradcheck"]
 
 
 def test_top_level_help_lists_every_subcommand(capsys):

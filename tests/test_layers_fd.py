@@ -1,12 +1,15 @@
 """Every layer's backward against float64 central finite differences, with a random upstream gradient.
 
 Each case gives: the inputs (float64 arrays, perturbed one element at a time), a forward
-that maps them to one output, and the backward's gradients in the same order.
+that maps them to one output, and the backward's gradients in the same order; the checker is
+the public one, ``tinyvit.gradcheck.assert_backward`` (mode "full": every coordinate), so the
+tool is proven by the ladder it serves (its own tests: tests/test_gradcheck.py).
 Tolerance: FD_TOLERANCE (tests/tolerances.py): rtol 1e-6, atol 1e-8 at step 1e-6.
 """
 import numpy as np
 import pytest
 
+from tinyvit.gradcheck import assert_backward
 from tinyvit.layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
 from tinyvit.layers.block import BlockMasks, block_backward, block_forward
 from tinyvit.layers.dropout import drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
@@ -18,9 +21,8 @@ from tinyvit.layers.loss import cross_entropy_backward, cross_entropy_forward
 from tinyvit.layers.mlp import mlp_backward, mlp_forward
 from tinyvit.layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
 from tinyvit.layers.tokens import add_pos_embed_backward, add_pos_embed_forward, prepend_tokens_backward, prepend_tokens_forward
-from tests.gradcheck import numeric_grad
 from tests.strategies import block_param_shapes
-from tests.tolerances import FD_TOLERANCE, assert_close
+from tests.tolerances import FD_STEP, FD_TOLERANCE
 
 B, N, D, NH, F = 2, 5, 8, 2, 12
 
@@ -30,17 +32,9 @@ def rand(rng, *shape, scale=1.0):
 
 
 def check(forward, backward, inputs, names, seed=0):
-    """``forward(*inputs) -> (out, cache)``; ``backward(dout, cache) -> grads`` aligned with ``inputs``."""
-    rng = np.random.default_rng(seed)
-    out, cache = forward(*inputs)
-    dout = rng.standard_normal(np.shape(out))
-    grads = backward(dout, cache)
-    assert len(grads) == len(inputs)
-    for name, x, g in zip(names, inputs, grads):
-        if g is None:
-            continue
-        expected = numeric_grad(lambda: forward(*inputs)[0], x, dout)
-        assert_close(name, g, expected, **FD_TOLERANCE)
+    """``forward(*inputs) -> (out, cache)``; ``backward(dout, cache) -> grads`` aligned with ``inputs``;
+    a random upstream gradient (seeded); every coordinate by central differences."""
+    assert_backward(forward, backward, inputs, names=names, seed=seed, mode="full", eps=FD_STEP, **FD_TOLERANCE)
 
 
 def test_linear():

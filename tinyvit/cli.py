@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "tinyvit.training.train",
     "tinyvit.pretrained.predict",
     "tinyvit.benchmark",
+    "tinyvit.gradcheck",
 )
 
 

@@ -1,0 +1,371 @@
+"""The registry behind ``tinyvit gradcheck``: one :class:`Case` per layer (and the whole model).
+
+A case is a name, a ``build(backend, dtype)`` that returns the keyword arguments of
+:func:`~tinyvit.gradcheck.check_backward` (``forward``, ``backward``, ``args``, ``names`` and
+usually ``torch_forward``), the ``*_backward`` functions of ``tinyvit/layers/`` it exercises
+(``covers``, as ``"module.function"``), and the mode the command runs it in by default.
+
+**Adding a layer**: write its forward and backward in ``tinyvit/layers/``, then append a row
+to :data:`CASES` below that covers the new backward. ``tests/test_gradcheck.py`` fails,
+naming the function, while any ``*_backward`` defined in ``tinyvit/layers/`` is in no case's
+``covers``. Sizes stay tiny (full mode costs two forwards per coordinate).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..layers import kernels
+from ..layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
+from ..layers.block import BLOCK_KEYS, BlockMasks, block_backward, block_forward
+from ..layers.dropout import drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
+from ..layers.gelu import gelu_backward, gelu_forward
+from ..layers.head import mean_pool_forward, pool_backward, token_pool_forward
+from ..layers.layernorm import layernorm_backward, layernorm_forward
+from ..layers.linear import linear_backward, linear_forward
+from ..layers.loss import cross_entropy_backward, cross_entropy_forward
+from ..layers.mlp import mlp_backward, mlp_forward
+from ..layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
+from ..layers.tokens import add_pos_embed_backward, add_pos_embed_forward, prepend_tokens_backward, \
+    prepend_tokens_forward
+
+B, N, D, NH, F = 2, 5, 8, 2, 12  # batch, tokens, width, heads, MLP hidden: tiny, so full mode is cheap
+
+
+class Skip(Exception):
+    """Raised by a case's ``build`` when the case cannot run here (the reason is printed)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of ``tinyvit gradcheck``.
+
+    ``build(backend, dtype) -> dict`` of :func:`check_backward` keyword arguments;
+    ``covers``: the ``"module.fn_backward"`` names of ``tinyvit/layers/`` it exercises;
+    ``mode``: the command's default mode for it; ``dtype``: a fixed dtype (a float32 kernel).
+    """
+
+    name: str
+    build: Callable
+    covers: tuple = ()
+    mode: str = "full"
+    dtype: str | None = None
+    about: str = ""
+
+
+def _rand(backend, dtype, seed):
+    """``rand(*shape, scale=1, shift=0)``: seeded normal arrays on ``backend`` in ``dtype``."""
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return backend.asarray(rng.standard_normal(shape) * scale + shift, dtype=dtype)
+
+    rand.mask = lambda *shape, keep=0.8: backend.asarray(rng.random(shape) < keep)  # bool keep-mask
+    rand.host = rng
+    return rand
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _t(mask):
+    """A keep-mask (any backend) as a float64 torch tensor, for the PyTorch references."""
+    from ..backend import to_host
+    return _torch().tensor(np.asarray(to_host(mask), dtype=np.float64))
+
+
+# ------------------------------------------------------------------------------ torch twins
+def _torch_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, mask=None, p=0.0):
+    F_ = _torch().nn.functional
+    batch, tokens, dim = x.shape
+    hs = dim // heads
+    qkv = F_.linear(x, qkv_w, qkv_b).reshape(batch, tokens, 3, heads, hs).permute(2, 0, 3, 1, 4)
+    att = (qkv[0] @ qkv[1].transpose(-2, -1) / math.sqrt(hs)).softmax(dim=-1)
+    if mask is not None:
+        att = att * _t(mask) / (1.0 - p)
+    return F_.linear((att @ qkv[2]).transpose(1, 2).reshape(batch, tokens, dim), proj_w, proj_b)
+
+
+def _drop(x, mask, p):
+    return x if mask is None else x * _t(mask) / (1.0 - p)
+
+
+def _torch_mlp(x, w1, b1, w2, b2, approximate="none", masks=(None, None), p=0.0):
+    F_ = _torch().nn.functional
+    h = _drop(F_.gelu(F_.linear(x, w1, b1), approximate=approximate), masks[0], p)
+    return _drop(F_.linear(h, w2, b2), masks[1], p)
+
+
+def _torch_block(x, params, heads, eps, norm_first, approximate, m: BlockMasks, p, attn_p, path_p):
+    F_ = _torch().nn.functional
+    g = params.get
+
+    def attn(a):
+        a = _torch_attention(a, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
+                             g("attn.proj.bias"), heads, m.attn, attn_p)
+        return _drop(_drop(a, m.proj, p), m.path1, path_p)
+
+    def mlp(h):
+        h = _torch_mlp(h, g("mlp.fc1.weight"), g("mlp.fc1.bias"), g("mlp.fc2.weight"), g("mlp.fc2.bias"),
+                       approximate, (m.mlp_hidden, m.mlp_out), p)
+        return _drop(h, m.path2, path_p)
+
+    ln = lambda t, n: F_.layer_norm(t, (t.shape[-1],), g(n + ".weight"), g(n + ".bias"), eps)  # noqa: E731
+    if norm_first:
+        x = x + attn(ln(x, "norm1"))
+        return x + mlp(ln(x, "norm2"))
+    x = ln(x + attn(x), "norm1")
+    return ln(x + mlp(x), "norm2")
+
+
+# ------------------------------------------------------------------------------ the cases
+def _linear(backend, dtype, bias=True):
+    r = _rand(backend, dtype, 1)
+    args = [r(B, N, D), r(F, D), r(F)]
+    if bias:
+        return dict(forward=linear_forward, backward=linear_backward, args=args, names=["x", "w", "b"],
+                    torch_forward=lambda x, w, b: _torch().nn.functional.linear(x, w, b))
+    return dict(forward=lambda x, w: linear_forward(x, w, None), backward=lambda d, c: linear_backward(d, c)[:2],
+                args=args[:2], names=["x", "w"], torch_forward=lambda x, w: _torch().nn.functional.linear(x, w))
+
+
+def _patchify(backend, dtype):
+    r = _rand(backend, dtype, 2)
+    return dict(forward=lambda x: patchify_forward(x, 2), backward=patchify_backward, args=[r(2, 3, 4, 6)],
+                names=["x"],
+                torch_forward=lambda x: x.reshape(2, 3, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 6, 12))
+
+
+def _patch_embed(backend, dtype):
+    r = _rand(backend, dtype, 3)
+
+    def torch_forward(x, w, b):
+        return _torch().nn.functional.conv2d(x, w, b, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+
+    return dict(forward=patch_embed_forward, backward=patch_embed_backward,
+                args=[r(2, 3, 4, 6), r(D, 3, 2, 2), r(D)], names=["x", "w", "b"], torch_forward=torch_forward)
+
+
+def _cls_token(backend, dtype):
+    r = _rand(backend, dtype, 4)
+
+    def torch_forward(x, cls, dist):
+        torch = _torch()
+        return torch.cat([cls.expand(x.shape[0], 1, -1), dist.expand(x.shape[0], 1, -1), x], dim=1)
+
+    return dict(forward=prepend_tokens_forward, backward=prepend_tokens_backward,
+                args=[r(B, N, D), r(1, 1, D), r(1, 1, D)], names=["x", "cls_token", "dist_token"],
+                torch_forward=torch_forward)
+
+
+def _pos_embed(backend, dtype):
+    r = _rand(backend, dtype, 5)
+    return dict(forward=add_pos_embed_forward, backward=add_pos_embed_backward, args=[r(B, N, D), r(1, N, D)],
+                names=["x", "pos_embed"], torch_forward=lambda x, pos: x + pos)
+
+
+def _layernorm(backend, dtype):
+    r = _rand(backend, dtype, 6)
+    return dict(forward=lambda x, w, b: layernorm_forward(x, w, b, 1e-6), backward=layernorm_backward,
+                args=[r(B, N, D, scale=3.0, shift=1.0), r(D, shift=1.0), r(D)], names=["x", "w", "b"],
+                torch_forward=lambda x, w, b: _torch().nn.functional.layer_norm(x, (D,), w, b, 1e-6))
+
+
+def _gelu(approximate, kernel=False):
+    def build(backend, dtype):
+        r = _rand(backend, dtype, 7)
+        x = r(B, N, F, scale=2.0)
+        backward = gelu_backward
+        if kernel:
+            if kernels.gelu_backward(x, x, approximate) is None:
+                raise Skip(f"no fused float32 GELU kernel for {backend.name} here (TINYVIT_FUSED=0, or a backend "
+                           f"other than NumPy/CuPy)")
+
+            def backward(dout, cache):  # the fused kernel itself, not the fallback
+                return kernels.gelu_backward(dout, cache.x, cache.approximate)
+
+        return dict(forward=lambda x: gelu_forward(x, approximate), backward=backward, args=[x], names=["x"],
+                    torch_forward=lambda x: _torch().nn.functional.gelu(x, approximate=approximate))
+    return build
+
+
+def _dropout(backend, dtype):
+    r = _rand(backend, dtype, 8)
+    mask = r.mask(B, N, D, keep=0.7)
+    return dict(forward=lambda x: dropout_forward(x, 0.3, True, mask=mask), backward=dropout_backward,
+                args=[r(B, N, D)], names=["x"], torch_forward=lambda x: _drop(x, mask, 0.3))
+
+
+def _drop_path(backend, dtype):
+    r = _rand(backend, dtype, 9)
+    mask = backend.asarray(np.array([True, False, True]).reshape(3, 1, 1))
+    return dict(forward=lambda x: drop_path_forward(x, 0.25, True, mask=mask), backward=drop_path_backward,
+                args=[r(3, N, D)], names=["x"], torch_forward=lambda x: _drop(x, mask, 0.25))
+
+
+def _softmax(backend, dtype):
+    r = _rand(backend, dtype, 10)
+    return dict(forward=softmax_forward, backward=softmax_backward, args=[r(B, NH, N, N, scale=3.0)], names=["x"],
+                torch_forward=lambda x: x.softmax(dim=-1))
+
+
+def _attention(backend, dtype):
+    r = _rand(backend, dtype, 11)
+    mask = r.mask(B, NH, N, N, keep=0.8)
+    args = [r(B, N, D), r(3 * D, D, scale=0.5), r(3 * D), r(D, D), r(D)]
+    return dict(forward=lambda *a: attention_forward(*a, NH, 0.2, True, attn_mask=mask), backward=attention_backward,
+                args=args, names=["x", "qkv_w", "qkv_b", "proj_w", "proj_b"],
+                torch_forward=lambda *a: _torch_attention(*a, NH, mask, 0.2))
+
+
+def _mlp(backend, dtype):
+    r = _rand(backend, dtype, 12)
+    masks = (r.mask(B, N, F, keep=0.9), r.mask(B, N, D, keep=0.9))
+    return dict(forward=lambda *a: mlp_forward(*a, 0.1, True, approximate="none", masks=masks),
+                backward=mlp_backward, args=[r(B, N, D), r(F, D), r(F), r(D, F), r(D)],
+                names=["x", "fc1_w", "fc1_b", "fc2_w", "fc2_b"],
+                torch_forward=lambda *a: _torch_mlp(*a, "none", masks, 0.1))
+
+
+def _block(norm_first):
+    def build(backend, dtype):
+        r = _rand(backend, dtype, 13 if norm_first else 14)
+        shapes = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+                  "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+                  "mlp.fc1.weight": (F, D), "mlp.fc1.bias": (F,), "mlp.fc2.weight": (D, F), "mlp.fc2.bias": (D,)}
+        keys = list(BLOCK_KEYS)
+        params = [r(*shapes[k], scale=0.5, shift=1.0 if k.startswith("norm") and k.endswith("weight") else 0.0)
+                  for k in keys]
+        masks = BlockMasks(attn=r.mask(B, NH, N, N, keep=0.9), proj=r.mask(B, N, D, keep=0.9),
+                           mlp_hidden=r.mask(B, N, F, keep=0.9), mlp_out=r.mask(B, N, D, keep=0.9),
+                           path1=backend.asarray(np.array([True, False]).reshape(B, 1, 1)),
+                           path2=backend.asarray(np.array([True, True]).reshape(B, 1, 1)))
+        approximate = "none" if norm_first else "tanh"
+
+        def forward(x, *values):
+            return block_forward(x, dict(zip(keys, values)), NH, 1e-6, norm_first, 0.1, 0.1, 0.1, approximate, True,
+                                 masks=masks)
+
+        def backward(dout, cache):
+            dx, grads = block_backward(dout, cache)
+            return (dx, *(grads[k] for k in keys))
+
+        def torch_forward(x, *values):
+            return _torch_block(x, dict(zip(keys, values)), NH, 1e-6, norm_first, approximate, masks, 0.1, 0.1, 0.1)
+
+        return dict(forward=forward, backward=backward, args=[r(B, N, D)] + params, names=["x"] + keys,
+                    torch_forward=torch_forward)
+    return build
+
+
+def _pool(kind):
+    def build(backend, dtype):
+        r = _rand(backend, dtype, 15)
+        if kind == "cls":
+            return dict(forward=lambda x: token_pool_forward(x, 0), backward=pool_backward, args=[r(B, N, D)],
+                        names=["x"], torch_forward=lambda x: x[:, 0])
+        return dict(forward=lambda x: mean_pool_forward(x, 2), backward=pool_backward, args=[r(B, N, D)],
+                    names=["x"], torch_forward=lambda x: x[:, 2:].mean(dim=1))
+    return build
+
+
+def _cross_entropy(soft):
+    def build(backend, dtype):
+        r = _rand(backend, dtype, 16)
+        K, smoothing = 5, 0.1
+        if soft:
+            t = r.host.random((4, K))
+            targets = backend.asarray(t / t.sum(axis=1, keepdims=True), dtype=dtype)
+        else:
+            targets = backend.asarray(np.array([0, 3, 4, 1]))
+
+        def torch_forward(logits):
+            from ..backend import to_host
+            torch = _torch()
+            target = torch.tensor(np.asarray(to_host(targets), dtype=np.float64 if soft else np.int64))
+            return torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)
+
+        return dict(forward=lambda z: cross_entropy_forward(z, targets, smoothing),
+                    backward=lambda dloss, cache: cross_entropy_backward(cache, dloss), args=[r(4, K, scale=2.0)],
+                    names=["logits"], torch_forward=torch_forward)
+    return build
+
+
+def _model(backend, dtype):
+    """The whole ViT (pre-norm, class token, learned positions), every parameter an argument."""
+    from ..model import VisionTransformer
+
+    config = dict(image_size=8, patch_size=4, num_classes=5, dim=D, depth=2, heads=NH, mlp_dim=F, channels=3,
+                  norm_first=True, pool="cls", backend=backend, seed=0)
+    models = {d: VisionTransformer(**config, dtype=d) for d in {dtype, "float64"}}
+    keys = list(models[dtype].params)
+    r = _rand(backend, dtype, 17)
+    # trained weights are not 0.02-scale: larger ones make every path of the gradient count
+    params = [r(*models[dtype].params[k].shape, scale=0.5,
+                shift=1.0 if "norm" in k and k.endswith("weight") else 0.0) for k in keys]
+
+    def forward(x, *values):
+        model = models[np.dtype(x.dtype).name]
+        model.params = dict(zip(keys, values))
+        return model.forward(x), model
+
+    def backward(dlogits, model):
+        dx = model.backward(dlogits)
+        return (dx, *(model.grads[k] for k in keys))
+
+    def torch_forward(x, *values):
+        from ..benchmark.torch_ref import vit_forward
+        return vit_forward(x, dict(zip(keys, values)), models[dtype].config, _torch())
+
+    return dict(forward=forward, backward=backward, args=[r(B, 3, 8, 8)] + params, names=["images"] + keys,
+                torch_forward=torch_forward)
+
+
+CASES = [
+    Case("patchify", _patchify, ("patch_embed.patchify_backward",), about="(B, C, H, W) -> (B, Np, C*P*P)"),
+    Case("patch_embed", _patch_embed, ("patch_embed.patch_embed_backward",), about="patching + linear = conv"),
+    Case("linear", _linear, ("linear.linear_backward",), about="x W^T + b"),
+    Case("linear_nobias", lambda b, d: _linear(b, d, bias=False), ("linear.linear_backward",), about="x W^T"),
+    Case("cls_token", _cls_token, ("tokens.prepend_tokens_backward",), about="class + distillation tokens"),
+    Case("pos_embed", _pos_embed, ("tokens.add_pos_embed_backward",), about="learned position embedding"),
+    Case("layernorm", _layernorm, ("layernorm.layernorm_backward",)),
+    Case("gelu", _gelu("none"), ("gelu.gelu_backward", "gelu.gelu_reference_backward"), about="exact (erf)"),
+    Case("gelu_tanh", _gelu("tanh"), ("gelu.gelu_backward", "gelu.gelu_reference_backward"), about="tanh"),
+    Case("gelu_kernel", _gelu("none", kernel=True), ("kernels.gelu_backward",), dtype="float32",
+         about="the fused float32 kernel, exact"),
+    Case("gelu_tanh_kernel", _gelu("tanh", kernel=True), ("kernels.gelu_backward",), dtype="float32",
+         about="the fused float32 kernel, tanh"),
+    Case("dropout", _dropout, ("dropout.dropout_backward",), about="fixed keep-mask, p 0.3"),
+    Case("drop_path", _drop_path, ("dropout.drop_path_backward",), about="fixed per-sample mask, p 0.25"),
+    Case("softmax", _softmax, ("attention.softmax_backward",)),
+    Case("attention", _attention, ("attention.attention_backward",), about="2 heads, attention dropout mask"),
+    Case("mlp", _mlp, ("mlp.mlp_backward",), about="fc1, GELU, dropout masks, fc2"),
+    Case("block_prenorm", _block(True), ("block.block_backward",), about="timm; every dropout mask, drop path"),
+    Case("block_postnorm", _block(False), ("block.block_backward",), about="nn.TransformerEncoderLayer; tanh GELU"),
+    Case("pool_cls", _pool("cls"), ("head.pool_backward",), about="class token"),
+    Case("pool_mean", _pool("mean"), ("head.pool_backward",), about="mean of the patch tokens"),
+    Case("cross_entropy", _cross_entropy(False), ("loss.cross_entropy_backward",), about="class indices, smoothing 0.1"),
+    Case("cross_entropy_soft", _cross_entropy(True), ("loss.cross_entropy_backward",),
+         about="soft targets, smoothing 0.1"),
+    Case("model", _model, (), mode="directional", about="the whole ViT, 2 blocks, every parameter"),
+]
+
+
+def case_names() -> list:
+    return [c.name for c in CASES]
+
+
+def select(names) -> list:
+    """The cases called ``names`` (all of them for None/empty), or a ValueError naming the unknown ones."""
+    if not names:
+        return list(CASES)
+    by_name = {c.name: c for c in CASES}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown gradcheck case(s) {unknown}; the cases are: {', '.join(by_name)}")
+    return [by_name[n] for n in names]
