@@ -22,6 +22,8 @@ from ..layers import kernels
 from ..layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
 from ..layers.block import BLOCK_KEYS, BlockMasks, block_backward, block_forward
 from ..layers.dropout import drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
+from ..layers.flash_attention import draw_dropout_seed, dropout_keep_mask, flash_attention_backward, \
+    flash_attention_forward, flash_core_backward, flash_core_forward
 from ..layers.gelu import gelu_backward, gelu_forward
 from ..layers.head import mean_pool_forward, pool_backward, token_pool_forward
 from ..layers.layernorm import layernorm_backward, layernorm_forward
@@ -223,6 +225,36 @@ def _attention(backend, dtype):
                 torch_forward=lambda *a: _torch_attention(*a, NH, mask, 0.2))
 
 
+def _flash_core(backend, dtype):
+    """The tiled core alone, 2x2 tiles over 5 tokens (a ragged last tile), an injected dropout mask."""
+    r = _rand(backend, dtype, 18)
+    mask = r.mask(B, NH, N, N, keep=0.8)
+    scale = 1.0 / math.sqrt(D // NH)
+
+    def torch_forward(q, k, v):
+        return _drop((q @ k.transpose(-2, -1) * scale).softmax(dim=-1), mask, 0.2) @ v
+
+    return dict(forward=lambda q, k, v: flash_core_forward(q, k, v, scale, 2, 0.2, True, attn_mask=mask),
+                backward=flash_core_backward, args=[r(B, NH, N, D // NH) for _ in range(3)], names=["q", "k", "v"],
+                torch_forward=torch_forward)
+
+
+def _flash_attention(backend, dtype):
+    """Flash multi-head attention, 2x2 tiles, dropout regenerated from a seeded generator's seed."""
+    r = _rand(backend, dtype, 19)
+    args = [r(B, N, D), r(3 * D, D, scale=0.5), r(3 * D), r(D, D), r(D)]
+
+    def forward(*a):  # a fresh generator per call: the same seed, so the same mask, every call
+        return flash_attention_forward(*a, NH, 2, 0.2, True, backend.rng(5))
+
+    def torch_forward(*a):
+        mask = dropout_keep_mask(draw_dropout_seed(backend.rng(5)), (B, NH, N, N), 0.2)
+        return _torch_attention(*a, NH, mask, 0.2)
+
+    return dict(forward=forward, backward=flash_attention_backward, args=args,
+                names=["x", "qkv_w", "qkv_b", "proj_w", "proj_b"], torch_forward=torch_forward)
+
+
 def _mlp(backend, dtype):
     r = _rand(backend, dtype, 12)
     masks = (r.mask(B, N, F, keep=0.9), r.mask(B, N, D, keep=0.9))
@@ -344,6 +376,10 @@ CASES = [
     Case("drop_path", _drop_path, ("dropout.drop_path_backward",), about="fixed per-sample mask, p 0.25"),
     Case("softmax", _softmax, ("attention.softmax_backward",)),
     Case("attention", _attention, ("attention.attention_backward",), about="2 heads, attention dropout mask"),
+    Case("flash_core", _flash_core, ("flash_attention.flash_core_backward",),
+         about="tiled softmax(q k^T) v, 2x2 tiles, injected mask"),
+    Case("flash_attention", _flash_attention, ("flash_attention.flash_attention_backward",),
+         about="flash multi-head attention, dropout from a seed"),
     Case("mlp", _mlp, ("mlp.mlp_backward",), about="fc1, GELU, dropout masks, fc2"),
     Case("block_prenorm", _block(True), ("block.block_backward",), about="timm; every dropout mask, drop path"),
     Case("block_postnorm", _block(False), ("block.block_backward",), about="nn.TransformerEncoderLayer; tanh GELU"),
