@@ -31,6 +31,7 @@ from ..layers.linear import linear_backward, linear_forward
 from ..layers.loss import cross_entropy_backward, cross_entropy_forward
 from ..layers.mlp import mlp_backward, mlp_forward
 from ..layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
+from ..layers.rope import rope_angles_backward, rope_angles_forward, rope_backward, rope_forward, rope_positions
 from ..layers.tokens import add_pos_embed_backward, add_pos_embed_forward, prepend_tokens_backward, \
     prepend_tokens_forward
 
@@ -255,6 +256,36 @@ def _flash_attention(backend, dtype):
                 names=["x", "qkv_w", "qkv_b", "proj_w", "proj_b"], torch_forward=torch_forward)
 
 
+def _torch_rope(x, angles, num_prefix):
+    torch = _torch()
+    t = num_prefix
+    a, b = x[:, :, t:, 0::2], x[:, :, t:, 1::2]
+    c, s = torch.cos(angles), torch.sin(angles)
+    turned = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)  # pairs interleaved again
+    return torch.cat([x[:, :, :t], turned], dim=2)
+
+
+def _rope(backend, dtype):
+    """2D RoPE on a (B, NH, 1 + 2*3, hs) tensor: class token unturned, a per-head angle table."""
+    r = _rand(backend, dtype, 20)
+    return dict(forward=lambda x, angles: rope_forward(x, angles, 1), backward=rope_backward,
+                args=[r(B, NH, 7, 8), r(NH, 6, 4, scale=2.0)], names=["x", "angles"],
+                torch_forward=lambda x, angles: _torch_rope(x, angles, 1))
+
+
+def _rope_angles(backend, dtype):
+    """RoPE's angles from learnable (mixed) frequencies: theta = cx fx + cy fy on a 2x3 grid."""
+    r = _rand(backend, dtype, 21)
+    pos = backend.asarray(rope_positions(2, 3), dtype=dtype)
+
+    def torch_forward(freqs):
+        p = _torch().tensor(np.asarray(rope_positions(2, 3)))
+        return p[0][None, :, None] * freqs[0][:, None, :] + p[1][None, :, None] * freqs[1][:, None, :]
+
+    return dict(forward=lambda freqs: rope_angles_forward(freqs, pos), backward=rope_angles_backward,
+                args=[r(2, NH, 4)], names=["freqs"], torch_forward=torch_forward)
+
+
 def _mlp(backend, dtype):
     r = _rand(backend, dtype, 12)
     masks = (r.mask(B, N, F, keep=0.9), r.mask(B, N, D, keep=0.9))
@@ -380,6 +411,8 @@ CASES = [
          about="tiled softmax(q k^T) v, 2x2 tiles, injected mask"),
     Case("flash_attention", _flash_attention, ("flash_attention.flash_attention_backward",),
          about="flash multi-head attention, dropout from a seed"),
+    Case("rope", _rope, ("rope.rope_backward",), about="2D RoPE turn, class token unturned"),
+    Case("rope_angles", _rope_angles, ("rope.rope_angles_backward",), about="angles from mixed frequencies"),
     Case("mlp", _mlp, ("mlp.mlp_backward",), about="fc1, GELU, dropout masks, fc2"),
     Case("block_prenorm", _block(True), ("block.block_backward",), about="timm; every dropout mask, drop path"),
     Case("block_postnorm", _block(False), ("block.block_backward",), about="nn.TransformerEncoderLayer; tanh GELU"),
