@@ -15,7 +15,8 @@ from tinyvit import VisionTransformer  # noqa: E402
 from tinyvit.cli import main  # noqa: E402
 from tinyvit.pretrained.preprocess import preprocess  # noqa: E402
 from tinyvit.pretrained.predict import attention_rollout, cls_attention, imagenet_classes, top_k  # noqa: E402
-from tinyvit.pretrained.weights import export_pretrained  # noqa: E402
+from tinyvit.pretrained.convert import from_tinyvit  # noqa: E402
+from tinyvit.pretrained.weights import save_state_dict  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=8, num_classes=1000, dim=48, depth=2, heads=4, mlp_dim=96)
 
@@ -26,9 +27,10 @@ def files(tmp_path_factory):
     m = VisionTransformer(**CONFIG, seed=0)
     rng = np.random.default_rng(0)
     m.load_state_dict({k: v + rng.standard_normal(v.shape).astype(v.dtype) * 0.3 for k, v in m.state_dict().items()})
-    export_pretrained(m, d / "timm.safetensors", "timm")
-    export_pretrained(m, d / "tv.npz", "torchvision")
-    export_pretrained(m, d / "hf.safetensors", "hf")
+    # foreign files: the libraries' key names, no tinyvit metadata (so the shapes decide)
+    save_state_dict(d / "timm.safetensors", from_tinyvit(m.state_dict(), "timm"))
+    save_state_dict(d / "tv.npz", from_tinyvit(m.state_dict(), "torchvision"))
+    save_state_dict(d / "hf.safetensors", from_tinyvit(m.state_dict(), "hf"))
     yy, xx = np.mgrid[0:60, 0:80]
     img = np.stack([xx * 3 % 256, yy * 4 % 256, (xx * yy) % 256], -1).astype(np.uint8)
     Image.fromarray(img).save(d / "cat.png")

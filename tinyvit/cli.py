@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "tinyvit.cli",
     "tinyvit.training.train",
     "tinyvit.pretrained.predict",
+    "tinyvit.training.evaluate",
     "tinyvit.benchmark",
     "tinyvit.gradcheck",
 )

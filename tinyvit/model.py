@@ -316,6 +316,8 @@ class VisionTransformer:
                 angles, _ = rope_angles_forward(rope_axial_freqs(c.dim // c.heads, c.rope_theta), pos)
                 self._rope_angles = self.backend.asarray(angles, dtype=self.dtype)
         self._cache: ForwardCache | None = None
+        self.labels: list | None = None  # class names, when known (a trained or loaded model's)
+        self.preprocessing = None  # how images become its input (tinyvit.pretrained.preprocess.Preprocessing)
 
     @classmethod
     def from_config(cls, config: ViTConfig | dict, backend=None, dtype="float32", seed=0):

@@ -14,7 +14,9 @@ patch tokens says how much each patch fed the class token.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from importlib import resources
 
 import numpy as np
@@ -32,7 +34,7 @@ def imagenet_classes() -> list:
     return text.splitlines()
 
 
-def class_names(num_classes: int, labels_file=None, checkpoint_labels=None) -> tuple:
+def class_names(num_classes: int, labels_file=None, checkpoint_labels=None, kind: str = "foreign") -> tuple:
     """``(names, source)``: a labels file (one name per line) if given, else the checkpoint's
     own labels (a Hugging Face ``config.json``), else ImageNet's for 1,000 classes, else
     ``"class {i}"``. A labels file whose line count is not ``num_classes`` is an error."""
@@ -44,7 +46,8 @@ def class_names(num_classes: int, labels_file=None, checkpoint_labels=None) -> t
                              f"{num_classes} classes")
         return names, labels_file
     if checkpoint_labels is not None:
-        return list(checkpoint_labels), "the checkpoint's config.json"
+        return list(checkpoint_labels), ("the checkpoint's config.json" if kind == "foreign"
+                                          else f"the {kind} file's metadata")
     if num_classes == 1000:
         return imagenet_classes(), "ImageNet-1k"
     return [f"class {i}" for i in range(num_classes)], "none (no names for this class count)"
@@ -130,47 +133,70 @@ def draw_attention(image, heads_map: np.ndarray, rollout_map: np.ndarray, path, 
 
 
 # ------------------------------------------------------------------ shared command plumbing
-def _load(args):
-    """The model, its checkpoint record, the preprocessed image and the recipe, from CLI args."""
-    from .preprocess import preprocess
-    from .weights import read_checkpoint
-
-    from ..model import VisionTransformer
+def open_from_args(args):
+    """The :class:`~tinyvit.pretrained.weights.Loaded` model a command's arguments name."""
+    from .weights import open_model
 
     image_size = None if args.image_size is None else (args.image_size, args.image_size)
-    ckpt = read_checkpoint(args.weights, layout=args.layout, heads=args.heads, layer_norm_eps=args.eps,
-                           image_size=image_size, gelu=args.gelu)
-    model = VisionTransformer(**ckpt.config, backend=args.backend, dtype=args.dtype)
-    model.load_state_dict(ckpt.state_dict)
-    height, width = model.config.image_size
-    if height != width:
-        raise ValueError(f"the model expects {height}x{width} images; predict/attention crop squares: "
-                         f"pass --image-size")
-    recipe = args.recipe if args.recipe != "auto" else ("hf" if ckpt.layout == "hf" else "tutorial")
-    pre = preprocess(args.image, recipe, height)
-    x = model.backend.asarray(pre.pixels[None], dtype=model.dtype)  # (1, C, S, S)
-    return model, ckpt, pre, recipe, x
+    return open_model(args.weights, layout=args.layout, heads=args.heads, layer_norm_eps=args.eps,
+                      image_size=image_size, gelu=args.gelu, backend=args.backend, dtype=args.dtype)
 
 
-def _describe(model, ckpt, recipe) -> list:
-    c = model.config
-    lines = [f"{ckpt.layout} checkpoint -> ViT {c.image_size[0]}x{c.image_size[1]}, patch {c.patch_size}, "
-             f"dim {c.dim}, depth {c.depth}, heads {c.heads}, {c.num_classes} classes, eps {c.layer_norm_eps:g}; "
-             f"preprocessing: {recipe}"]
-    lines += [f"note: {n}" for n in ckpt.notes]
+def preprocessing_for(loaded, recipe: str = "auto"):
+    """The :class:`~tinyvit.pretrained.preprocess.Preprocessing` to use: ``"auto"`` is the file's own
+    (a tinyvit file: as the model was trained), else ``hf`` for Hugging Face files and
+    ``tutorial`` for the rest; a named recipe is built for the model's size and channels."""
+    from .preprocess import Preprocessing
+
+    c = loaded.model.config
+    if recipe == "auto" and loaded.preprocessing is not None:
+        return loaded.preprocessing
+    if recipe == "auto":
+        recipe = "hf" if loaded.layout == "hf" else "tutorial"
+    height, width = c.image_size
+    if recipe == "tutorial" and height != width:
+        raise ValueError(f"the model expects {height}x{width} images; the tutorial recipe crops squares: "
+                         f"use --recipe hf (resize to {height}x{width}) or --image-size")
+    if c.channels not in (1, 3):
+        raise ValueError(f"the model reads {c.channels}-channel images; images are read as grey (1) or RGB (3)")
+    return Preprocessing.recipe(recipe, c.image_size, c.channels)
+
+
+def describe(loaded, recipe: str = "auto") -> list:
+    c = loaded.model.config
+    pre = preprocessing_for(loaded, recipe)
+    lines = [f"{loaded.kind} file ({loaded.layout} layout) -> ViT {c.image_size[0]}x{c.image_size[1]}, "
+             f"patch {c.patch_size}, {c.channels} channel{'s' if c.channels > 1 else ''}, dim {c.dim}, depth {c.depth}, "
+             f"heads {c.heads}, {c.num_classes} classes, eps {c.layer_norm_eps:g}, gelu {c.gelu}, "
+             f"{'pre' if c.norm_first else 'post'}-norm, pool {c.pool}; preprocessing: {pre.describe()}"]
+    lines += [f"note: {n}" for n in loaded.notes]
     return lines
+
+
+def _load(args):
+    loaded = open_from_args(args)
+    pre = preprocessing_for(loaded, args.recipe)(args.image)
+    model = loaded.model
+    x = model.backend.asarray(pre.pixels[None], dtype=model.dtype)  # (1, C, H, W)
+    return loaded, pre, x
 
 
 def run_predict(args) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    model, ckpt, pre, recipe, x = _load(args)
-    names, source = class_names(model.config.num_classes, args.labels, ckpt.labels)
+    loaded, pre, x = _load(args)
+    model = loaded.model
+    names, source = class_names(model.config.num_classes, args.labels, loaded.labels, loaded.kind)
     logits = to_host(model.forward(x))[0]  # (K,)
     indices, probs = top_k(logits, args.top)
-    for line in _describe(model, ckpt, recipe):
-        print(line)
-    print(f"class names: {source}")
+    info = sys.stderr if args.json else sys.stdout
+    for line in describe(loaded, args.recipe):
+        print(line, file=info)
+    print(f"class names: {source}", file=info)
+    if args.json:
+        print(json.dumps([{"label": names[int(i)], "index": int(i), "probability": float(p)}
+                          for i, p in zip(indices, probs)]))
+        return 0
     print(f"{'rank':>4}  {'prob':>7}  {'class':>5}  name")
     for rank, (i, p) in enumerate(zip(indices, probs), start=1):
         print(f"{rank:>4}  {p:7.4f}  {int(i):>5}  {names[int(i)]}")
@@ -178,49 +204,88 @@ def run_predict(args) -> int:
 
 
 def run_attention(args) -> int:
-    model, ckpt, pre, recipe, x = _load(args)
+    loaded, pre, x = _load(args)
+    model = loaded.model
     logits = to_host(model.forward(x))[0]  # (K,)
     maps = model.attention_maps()  # depth x (1, NH, N, N)
     c = model.config
     heads_map = to_host(cls_attention(maps[-1], c.num_prefix_tokens, c.grid))[0]  # (NH, gh, gw)
     rollout = attention_rollout(maps)  # (1, N, N)
     rollout_map = to_host(rollout[0, 0, c.num_prefix_tokens:]).reshape(c.grid)  # (gh, gw)
-    names, _ = class_names(c.num_classes, args.labels, ckpt.labels)
+    names, _ = class_names(c.num_classes, args.labels, loaded.labels, loaded.kind)
     best, prob = top_k(logits, 1)
     title = f"top-1: {names[int(best[0])]} ({prob[0]:.3f})"
     draw_attention(pre.image, heads_map, rollout_map, args.output, title)
-    for line in _describe(model, ckpt, recipe):
+    for line in describe(loaded, args.recipe):
         print(line)
     print(f"{title}; wrote {args.output} (rollout over {c.depth} blocks + {c.heads} heads of the last block)")
     return 0
 
 
-def _common(p) -> None:
-    p.add_argument("image", help="an image file (anything Pillow reads)")
-    p.add_argument("--weights", required=True, help=".safetensors, .npz, or .pth/.bin (needs PyTorch); timm, "
-                                                      "torchvision or Hugging Face layout, detected from the keys")
+def run_export(args) -> int:
+    from .weights import export_pretrained
+
+    loaded = open_from_args(args)
+    data = None
+    record = loaded.meta.get("data") or loaded.meta.get("train_config")
+    if isinstance(record, dict) and "test_fraction" in record:  # so tinyvit eval finds the test split again
+        data = {k: record.get(k) for k in ("data", "test_fraction", "split_seed", "fingerprint") if k in record}
+    labels = None
+    if args.labels is not None:
+        labels, _ = class_names(loaded.model.config.num_classes, args.labels)
+    export_pretrained(loaded.model, args.output, args.layout_out, labels=labels, data=data)
+    for line in describe(loaded):
+        print(line)
+    print(f"wrote {args.output} ({args.layout_out} layout, with the config, labels and preprocessing in its metadata)")
+    return 0
+
+
+def add_weights_arguments(p, image: bool = False) -> None:
+    """The arguments every command that reads a weights file takes."""
+    if image:
+        p.add_argument("image", help="an image file (anything Pillow reads)")
+    p.add_argument("--weights", required=True,
+                   help="a tinyvit train checkpoint or export (.safetensors/.npz: config, labels and preprocessing "
+                        "come from the file), or a timm, torchvision or Hugging Face file (.safetensors, .npz, "
+                        ".pth/.bin with PyTorch; layout detected from the keys)")
     p.add_argument("--heads", type=int, default=None,
-                   help="attention heads (shapes do not tell; default: 3/6/12/16/16 for width 192/384/768/1024/1280)")
+                   help="attention heads of a foreign file (shapes do not tell; default: 3/6/12/16/16 for width "
+                        "192/384/768/1024/1280); a tinyvit file knows its own")
     p.add_argument("--eps", type=float, default=None,
-                   help="LayerNorm eps (default: 1e-6 timm/torchvision, 1e-12 or config.json for Hugging Face)")
-    p.add_argument("--gelu", choices=("none", "tanh"), default=None, help="GELU form (default: exact)")
+                   help="LayerNorm eps of a foreign file (default: 1e-6 timm/torchvision, 1e-12 or config.json for "
+                        "Hugging Face)")
+    p.add_argument("--gelu", choices=("none", "tanh"), default=None,
+                   help="GELU form of a foreign file: none = exact erf, tanh = the tanh approximation "
+                        "(default: exact, or config.json's hidden_act)")
     p.add_argument("--layout", choices=("timm", "torchvision", "hf"), default=None, help="override detection")
     p.add_argument("--image-size", type=int, default=None,
-                   help="run at this size; the position embedding is resampled bicubic (default: the checkpoint's)")
+                   help="run at this size; the position embedding is resampled bicubic (default: the file's)")
     p.add_argument("--recipe", choices=("auto", "tutorial", "hf"), default="auto",
-                   help="preprocessing: tutorial = Resize(256)/CenterCrop(224)/ImageNet mean-std; hf = resize 224, "
-                        "mean-std 0.5 (auto: hf for Hugging Face checkpoints, else tutorial)")
-    p.add_argument("--labels", default=None, help="a text file with one class name per line")
+                   help="preprocessing. auto: the file's own (a tinyvit file: as trained), else hf for Hugging Face "
+                        "files and tutorial for the rest; tutorial = Resize(256)/CenterCrop(224)/ImageNet mean-std; "
+                        "hf = resize to 224, mean-std 0.5")
+    p.add_argument("--labels", default=None, help="a text file with one class name per line (default: the file's)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default=None, help="default: $TINYVIT_BACKEND or numpy")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="default: the file's (tinyvit files), else float32")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="top-k classes of an image under a pretrained ViT checkpoint")
-    _common(p)
+    p = subparsers.add_parser("predict", help="top-k classes of an image under a weights file")
+    add_weights_arguments(p, image=True)
     p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
+    p.add_argument("--json", action="store_true",
+                   help="print the top-k as a JSON list of {label, index, probability} (the rest goes to stderr)")
     p.set_defaults(func=run_predict)
-    p = subparsers.add_parser("attention", help="draw a pretrained ViT's attention over an image")
-    _common(p)
+    p = subparsers.add_parser("attention", help="draw a ViT's attention over an image")
+    add_weights_arguments(p, image=True)
     p.add_argument("-o", "--output", required=True, help="the PNG to write")
     p.set_defaults(func=run_attention)
+    p = subparsers.add_parser("export", help="write a weights file (e.g. a training checkpoint) for other libraries "
+                                             "or for tinyvit, with its config, labels and preprocessing")
+    add_weights_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="the .safetensors or .npz to write")
+    p.add_argument("--to", dest="layout_out", choices=("tinyvit", "timm", "torchvision", "hf"), default="tinyvit",
+                   help="key layout to write (default tinyvit: timm's keys, holds every model tinyvit builds; the "
+                        "others refuse models their library cannot run)")
+    p.set_defaults(func=run_export)

@@ -20,8 +20,10 @@ last bit on the same image (tested against both).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -42,8 +44,8 @@ def _pil():
     return Image
 
 
-def load_image(path):
-    """An image file -> an RGB ``PIL.Image`` (grey, palette, RGBA, CMYK are converted).
+def load_image(path, mode: str = "RGB"):
+    """An image file -> a ``PIL.Image`` in ``mode`` (``"RGB"`` or ``"L"``; grey, palette, RGBA, CMYK are converted).
 
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or
     not an image Pillow can decode (truncated files included).
@@ -56,7 +58,7 @@ def load_image(path):
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return img.convert(mode)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"{path!r} is not an image Pillow can read ({exc})") from None
 
@@ -94,8 +96,11 @@ def center_crop(img, size: int):
 
 
 def to_chw(img) -> np.ndarray:
-    """RGB ``PIL.Image`` -> ``uint8 (C, H, W)``."""
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # (H, W, C) -> (C, H, W)
+    """RGB or grey ``PIL.Image`` -> ``uint8 (C, H, W)`` (C = 3 or 1)."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        return arr[None].copy()  # (H, W) -> (1, H, W)
+    return arr.transpose(2, 0, 1).copy()  # (H, W, C) -> (C, H, W)
 
 
 def normalize(x: np.ndarray, mean, std) -> np.ndarray:
@@ -110,7 +115,7 @@ class Preprocessed(NamedTuple):
     image: object  # the resized and cropped RGB PIL.Image (S x S): what the model sees, for drawing
 
 
-def preprocess(img, recipe: str = "tutorial", image_size: int = 224) -> Preprocessed:
+def preprocess(img, recipe: str = "tutorial", image_size: int = 224, channels: int = 3) -> Preprocessed:
     """A PIL image (or a path) -> :class:`Preprocessed` for a model of ``image_size``.
 
     ``recipe`` is ``"tutorial"`` (Resize(S/0.875) + CenterCrop(S) + ImageNet mean/std)
@@ -120,18 +125,120 @@ def preprocess(img, recipe: str = "tutorial", image_size: int = 224) -> Preproce
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if isinstance(img, (str, os.PathLike)):
-        img = load_image(img)
-    elif getattr(img, "mode", None) != "RGB":
-        if not hasattr(img, "convert"):
+    if not isinstance(img, (str, os.PathLike)) and not hasattr(img, "convert"):
+        raise TypeError(f"img must be a PIL image or a path, got {type(img).__name__}")
+    return Preprocessing.recipe(recipe, image_size, channels)(img)
+
+
+# ------------------------------------------------------------------ a model's own preprocessing
+RESIZES = ("shorter_crop", "stretch")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's input is made from an image file, stored in every file tinyvit writes.
+
+    ``resize``: ``"shorter_crop"`` (shorter side to ``floor(S / crop_pct)``, then a centre
+    crop of ``S``: torchvision's evaluation) or ``"stretch"`` (resize to ``H x W``, aspect
+    not kept: Hugging Face's, and what a model trained here saw: all its images had one
+    size). ``channels``: 1 (grey, Pillow's ``L``) or 3 (RGB). Pixels are scaled to
+    [0, 1], then ``(x - mean) / std`` per channel. ``name`` says where the numbers came
+    from (``"tutorial"``, ``"hf"``, ``"trained"``: the training set's statistics).
+    """
+
+    image_size: tuple  # (H, W)
+    channels: int
+    mean: tuple
+    std: tuple
+    resize: str = "stretch"
+    crop_pct: float = CROP_PCT
+    name: str = "custom"
+
+    def __post_init__(self):
+        size = self.image_size
+        if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+            size = (int(size), int(size))
+        size = tuple(int(v) for v in size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"preprocessing image_size must be (height, width) > 0, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", size)
+        if self.channels not in (1, 3):
+            raise ValueError(f"preprocessing channels must be 1 (grey) or 3 (RGB), got {self.channels!r}")
+        for name in ("mean", "std"):
+            v = tuple(float(x) for x in getattr(self, name))
+            if len(v) != self.channels or not all(math.isfinite(x) for x in v):
+                raise ValueError(f"preprocessing {name} must be {self.channels} finite numbers, got {v}")
+            object.__setattr__(self, name, v)
+        if min(self.std) <= 0:
+            raise ValueError(f"preprocessing std must be > 0, got {self.std}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"preprocessing resize must be one of {RESIZES}, got {self.resize!r}")
+        if not 0 < float(self.crop_pct) <= 1:
+            raise ValueError(f"preprocessing crop_pct must lie in (0, 1], got {self.crop_pct!r}")
+
+    @classmethod
+    def recipe(cls, name: str, image_size, channels: int = 3) -> Preprocessing:
+        """The named recipes: ``"tutorial"`` (ImageNet mean/std, shorter side + crop) and ``"hf"``."""
+        if name not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {name!r}")
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "tutorial" else (HF_MEAN, HF_STD)
+        if channels == 1:  # a grey model: one channel's worth (the mean of the three)
+            mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+        return cls(image_size, channels, mean, std, "shorter_crop" if name == "tutorial" else "stretch",
+                   CROP_PCT, name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"], d["mean"], d["std"] = list(self.image_size), list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d, source: str = "preprocessing") -> Preprocessing:
+        if isinstance(d, str):
+            try:
+                d = json.loads(d)
+            except ValueError as exc:
+                raise ValueError(f"{source}: not JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        known = {"image_size", "channels", "mean", "std", "resize", "crop_pct", "name"}
+        unknown = sorted(set(d) - known)
+        missing = sorted({"image_size", "channels", "mean", "std"} - set(d))
+        if unknown or missing:
+            raise ValueError(f"{source}: {'unknown fields ' + str(unknown) if unknown else ''}"
+                             f"{'; ' if unknown and missing else ''}{'missing ' + str(missing) if missing else ''}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def describe(self) -> str:
+        how = (f"shorter side {math.floor(self.image_size[0] / self.crop_pct)}, centre crop "
+               if self.resize == "shorter_crop" else "resize to ")
+        fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+        return (f"{self.name}: {how}{self.image_size[0]}x{self.image_size[1]}, "
+                f"{'grey' if self.channels == 1 else 'RGB'}, [0, 1], mean {fmt(self.mean)}, std {fmt(self.std)}")
+
+    def __call__(self, img) -> Preprocessed:
+        """A PIL image or a path -> :class:`Preprocessed` ``(C, H, W)`` float32."""
+        if isinstance(img, (str, os.PathLike)):
+            img = load_image(img, "L" if self.channels == 1 else "RGB")
+        elif not hasattr(img, "convert"):
             raise TypeError(f"img must be a PIL image or a path, got {type(img).__name__}")
-        img = img.convert("RGB")
-    if recipe == "tutorial":
-        img = center_crop(resize_shorter(img, math.floor(image_size / CROP_PCT)), image_size)
-        x = to_chw(img).astype(np.float32) / np.float32(255.0)  # torchvision: float32 division
-        return Preprocessed(normalize(x, IMAGENET_MEAN, IMAGENET_STD), img)
-    Image = _pil()
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BILINEAR)
-    x = (to_chw(img).astype(np.float64) * (1 / 255)).astype(np.float32)  # Hugging Face: float64 rescale, then cast
-    return Preprocessed(normalize(x, HF_MEAN, HF_STD), img)
+        mode = "L" if self.channels == 1 else "RGB"
+        if img.mode != mode:
+            img = img.convert(mode)
+        height, width = self.image_size
+        Image = _pil()
+        if self.resize == "shorter_crop":
+            if height != width:
+                raise ValueError(f"the shorter-side-and-crop recipe makes square images; this model expects "
+                                 f"{height}x{width}")
+            img = center_crop(resize_shorter(img, math.floor(height / self.crop_pct)), height)
+        elif img.size != (width, height):
+            img = img.resize((width, height), Image.BILINEAR)
+        if self.name == "hf":
+            x = (to_chw(img).astype(np.float64) * (1 / 255)).astype(np.float32)  # Hugging Face: float64 rescale
+        else:
+            x = to_chw(img).astype(np.float32) / np.float32(255.0)  # torchvision and tinyvit's loaders: float32
+        return Preprocessed(normalize(x, self.mean, self.std), img)

@@ -161,7 +161,7 @@ def _unwrap_torch(obj, path: str) -> dict:
 
 
 # ------------------------------------------------------------------ writing files
-def save_state_dict(path, state_dict: dict) -> None:
+def save_state_dict(path, state_dict: dict, metadata: dict | None = None) -> None:
     """Write ``{key: array}`` as ``.safetensors`` or ``.npz`` (by the suffix), atomically, with a
     checksum (:func:`tinyvit.training.checkpoint.save_arrays`). Non-finite weights are refused."""
     from ..training.checkpoint import save_arrays
@@ -170,7 +170,7 @@ def save_state_dict(path, state_dict: dict) -> None:
         a = np.asarray(value)
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             raise ValueError(f"{key}: holds non-finite values; refusing to save")
-    save_arrays(path, dict(state_dict))
+    save_arrays(path, dict(state_dict), metadata)
 
 
 # ------------------------------------------------------------------ position embeddings
@@ -275,10 +275,12 @@ class Checkpoint(NamedTuple):
 
 
 def read_checkpoint(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
-                    image_size=None, gelu: str | None = None, antialias: bool = True) -> Checkpoint:
-    """Read ``path`` and convert it to tinyvit's keys and a config (see :func:`load_pretrained`)."""
+                    image_size=None, gelu: str | None = None, antialias: bool = True,
+                    state_dict: dict | None = None) -> Checkpoint:
+    """Read ``path`` and convert it to tinyvit's keys and a config (see :func:`load_pretrained`);
+    ``state_dict``: the file's arrays when the caller has read them already."""
     file = _check_path(path)
-    raw = read_state_dict(file)
+    raw = read_state_dict(file) if state_dict is None else state_dict
     sd, layout = to_tinyvit(raw, layout)
     hf_config = _read_hf_config(file) if layout == "hf" else None
     config, notes = infer_config(sd, layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
@@ -316,28 +318,207 @@ def _read_hf_config(weights_file: str) -> dict | None:
     return cfg if isinstance(cfg, dict) else None
 
 
-def load_pretrained(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
-                    image_size=None, gelu: str | None = None, antialias: bool = True, backend=None,
-                    dtype: str = "float32"):
-    """A timm / torchvision / Hugging Face ViT checkpoint -> a :class:`~tinyvit.VisionTransformer`.
+# ------------------------------------------------------------------ tinyvit's own files
+EXPORT_FORMAT = "tinyvit-weights-1"
+EXPORT_LAYOUTS = ("tinyvit", "timm", "torchvision", "hf")
 
-    ``layout`` is detected from the keys; the config is inferred from the shapes
-    (:func:`tinyvit.pretrained.convert.infer_config`): ``heads`` defaults to the standard count
-    for the width, ``layer_norm_eps`` to the layout's (1e-6 timm/torchvision, 1e-12
-    Hugging Face, or its ``config.json``). ``image_size`` other than the checkpoint's
-    resamples the position embedding (:func:`resample_pos_embed`, timm's antialiased
-    bicubic unless ``antialias=False``).
+
+class Loaded(NamedTuple):
+    """What :func:`open_model` returns: the model and everything needed to use it right."""
+
+    model: object  # VisionTransformer
+    labels: list | None  # K class names, when the file knows them
+    preprocessing: object  # a tinyvit.pretrained.preprocess.Preprocessing, or None (a foreign file)
+    layout: str  # the key layout the file was written in
+    kind: str  # "checkpoint" (tinyvit train), "export" (export_pretrained) or "foreign" (timm, torchvision, HF)
+    notes: list  # what was inferred or changed, and where it came from ("loaded as" lines)
+    meta: dict  # a tinyvit file's parsed metadata (train_config, data, ...); {} for a foreign file
+    path: str
+
+
+def _tinyvit_kind(metadata: dict) -> str | None:
+    from ..training.checkpoint import FORMAT
+
+    return {FORMAT: "checkpoint", EXPORT_FORMAT: "export"}.get(metadata.get("format"))
+
+
+def _json_field(meta: dict, key: str, path: str, default=None):
+    if key not in meta:
+        return default
+    value = meta[key]
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"{path}: metadata {key!r} is not JSON ({exc})") from None
+
+
+def tinyvit_metadata(model, labels=None, preprocessing=None, data=None) -> dict:
+    """The ``{str: str}`` metadata that lets :func:`load_pretrained` rebuild ``model`` exactly:
+    the whole config, the dtype, the class names and the preprocessing (size, channels, mean/std)."""
+    labels = getattr(model, "labels", None) if labels is None else labels
+    preprocessing = getattr(model, "preprocessing", None) if preprocessing is None else preprocessing
+    if labels is not None:
+        labels = [str(v) for v in labels]
+        if len(labels) != model.config.num_classes:
+            raise ValueError(f"{len(labels)} labels for a model of {model.config.num_classes} classes")
+    if preprocessing is not None and hasattr(preprocessing, "to_dict"):
+        preprocessing = preprocessing.to_dict()
+    meta = {"model_config": json.dumps(model.config.to_dict()), "dtype": model.dtype,
+            "labels": json.dumps(labels), "preprocessing": json.dumps(preprocessing)}
+    if data is not None:
+        meta["data"] = json.dumps(data)
+    return meta
+
+
+def _check_override(path: str, name: str, given, stored) -> None:
+    if given is None:
+        return
+    same = math.isclose(float(given), float(stored), rel_tol=1e-12) if name == "layer_norm_eps" else given == stored
+    if not same:
+        raise ValueError(f"{path}: the file says {name}={stored!r} but {given!r} was passed; a tinyvit file "
+                         f"carries its own config: leave the argument out")
+
+
+def _open_tinyvit(path: str, arrays: dict, raw: dict, kind: str, *, layout, heads, layer_norm_eps, image_size, gelu,
+                  antialias, backend, dtype) -> Loaded:
+    from ..model import ViTConfig, VisionTransformer
+    from .preprocess import Preprocessing
+
+    meta = {k: _json_field(raw, k, path) for k in raw if k not in ("format", "dtype", "layout")}
+    meta.update({k: raw[k] for k in ("format", "dtype", "layout") if k in raw})
+    config = meta.get("model_config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a tinyvit {kind} without a model_config in its metadata")
+    try:
+        config = ViTConfig(**config).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its model_config is not a valid ViT config ({exc})") from None
+    stored_layout = meta.get("layout", "tinyvit") if kind == "export" else "tinyvit"
+    if layout is not None and layout != stored_layout and not (layout == "timm" and stored_layout == "tinyvit"):
+        raise ValueError(f"{path}: the file says layout={stored_layout!r} but {layout!r} was passed")
+    for name, given in (("heads", heads), ("layer_norm_eps", layer_norm_eps), ("gelu", gelu)):
+        _check_override(path, name, given, config[name])
+    if kind == "checkpoint":
+        params = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+    elif stored_layout in ("tinyvit", "timm"):
+        params = dict(arrays)
+    else:
+        params = to_tinyvit(arrays, stored_layout)[0]
+    notes = [f"config, labels and preprocessing from the file's metadata (a tinyvit {kind})"]
+    pre = meta.get("preprocessing")
+    if pre is None and kind == "checkpoint" and isinstance(meta.get("extra"), dict) and "normalizer" in meta["extra"]:
+        mean, std = meta["extra"]["normalizer"]  # checkpoints written before the preprocessing field
+        pre = dict(image_size=config["image_size"], channels=config["channels"], mean=mean, std=std, name="trained")
+    pre = None if pre is None else Preprocessing.from_dict(pre, f"{path}: preprocessing")
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if tuple(size) != tuple(config["image_size"]):
+            old = tuple(config["image_size"])
+            try:
+                new_config = ViTConfig(**dict(config, image_size=size))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"image_size {image_size!r}: {exc}") from None
+            if "pos_embed" in params:
+                patch, prefix = config["patch_size"], 2 if config["distilled"] else 1
+                params["pos_embed"] = resample_pos_embed(params["pos_embed"], new_config.grid,
+                                                         (old[0] // patch, old[1] // patch), prefix, antialias)
+                notes.append(f"pos_embed resampled bicubic from a {old[0] // patch}x{old[1] // patch} to a "
+                             f"{new_config.grid[0]}x{new_config.grid[1]} patch grid (image {old[0]}x{old[1]} -> "
+                             f"{size[0]}x{size[1]})")
+            config = new_config.to_dict()
+            if pre is not None:
+                pre = Preprocessing(**dict(pre.to_dict(), image_size=tuple(size)))
+    model = VisionTransformer.from_config(config, backend=backend, dtype=dtype or meta.get("dtype") or "float32")
+    try:
+        model.load_state_dict(params)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    labels = meta.get("labels")
+    if labels is not None:
+        if not (isinstance(labels, list) and len(labels) == config["num_classes"]):
+            raise ValueError(f"{path}: metadata 'labels' must be a list of {config['num_classes']} names")
+        labels = [str(v) for v in labels]
+    model.labels, model.preprocessing = labels, pre
+    return Loaded(model, labels, pre, stored_layout, kind, notes, meta, path)
+
+
+def open_model(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
+               image_size=None, gelu: str | None = None, antialias: bool = True, backend=None,
+               dtype: str | None = None) -> Loaded:
+    """Open any weights file tinyvit reads -> :class:`Loaded` (model, labels, preprocessing, notes).
+
+    The one place that opens a file for ``load_pretrained``, ``tinyvit predict``,
+    ``attention`` and ``eval``:
+
+    - a tinyvit file (a ``tinyvit train`` checkpoint or an :func:`export_pretrained` file,
+      told apart by the ``format`` in its metadata) is rebuilt exactly from its metadata:
+      config, dtype, class names, preprocessing. An explicit ``heads`` / ``layer_norm_eps``
+      / ``gelu`` / ``layout`` that disagrees with the file is an error; ``image_size``
+      resamples the position embedding.
+    - a foreign file (timm, torchvision, Hugging Face) goes through :func:`read_checkpoint`:
+      the config is inferred from the shapes and every field the shapes cannot decide is
+      named in ``notes`` with where it came from.
+
+    ``dtype`` defaults to the file's (tinyvit files) or float32.
     """
     from ..model import VisionTransformer
+    from ..training.checkpoint import load_arrays_and_metadata
 
-    ckpt = read_checkpoint(path, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
-                           gelu=gelu, antialias=antialias)
-    model = VisionTransformer(**ckpt.config, backend=backend, dtype=dtype)
+    file = _check_path(path)
+    if sniff_format(file) in ("safetensors", "npz"):
+        try:
+            arrays, raw = load_arrays_and_metadata(file)
+        except ValueError as exc:
+            if "'BF16'" not in str(exc):
+                raise
+            arrays, raw = None, {}
+        kind = _tinyvit_kind(raw)
+        if kind is not None:
+            return _open_tinyvit(file, arrays, raw, kind, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps,
+                                 image_size=image_size, gelu=gelu, antialias=antialias, backend=backend, dtype=dtype)
+    else:
+        arrays = None
+    ckpt = read_checkpoint(file, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
+                           gelu=gelu, antialias=antialias, state_dict=arrays or None)
+    model = VisionTransformer(**ckpt.config, backend=backend, dtype=dtype or "float32")
     model.load_state_dict(ckpt.state_dict)
-    return model
+    model.labels, model.preprocessing = ckpt.labels, None
+    return Loaded(model, ckpt.labels, None, ckpt.layout, "foreign", ckpt.notes, {}, file)
 
 
-def export_pretrained(model_or_state_dict, path, layout: str = "timm") -> None:
-    """Write a model's (or tinyvit state dict's) weights in ``layout``'s names to ``.safetensors``/``.npz``."""
-    sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
-    save_state_dict(path, from_tinyvit(sd, layout))
+def load_pretrained(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
+                    image_size=None, gelu: str | None = None, antialias: bool = True, backend=None,
+                    dtype: str | None = None):
+    """A weights file -> a :class:`~tinyvit.VisionTransformer` (see :func:`open_model`).
+
+    A tinyvit file (a training checkpoint or an export) is restored exactly with no
+    arguments: its config, dtype, ``model.labels`` and ``model.preprocessing`` come from its
+    metadata, and an argument that disagrees with them is an error. For a timm /
+    torchvision / Hugging Face checkpoint, ``layout`` is detected from the keys and the
+    config inferred from the shapes (:func:`tinyvit.pretrained.convert.infer_config`).
+    ``image_size`` other than the file's resamples the position embedding
+    (:func:`resample_pos_embed`, timm's antialiased bicubic unless ``antialias=False``).
+    """
+    return open_model(path, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
+                      gelu=gelu, antialias=antialias, backend=backend, dtype=dtype).model
+
+
+def export_pretrained(model, path, layout: str = "tinyvit", *, labels=None, preprocessing=None, data=None) -> None:
+    """Write a model to ``.safetensors`` / ``.npz`` in ``layout``'s key names, with its architecture.
+
+    Every layout carries tinyvit's metadata (the whole config, dtype, class names,
+    preprocessing), so :func:`load_pretrained` restores the file exactly; ``"tinyvit"``
+    (the default) writes timm's key names and holds every model tinyvit builds. ``labels``
+    / ``preprocessing`` default to ``model.labels`` / ``model.preprocessing``.
+    """
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
+    if not hasattr(model, "config") or not hasattr(model, "state_dict"):
+        raise TypeError(f"export_pretrained needs a VisionTransformer (its config goes into the file), got "
+                        f"{type(model).__name__}; to write a bare state dict use save_state_dict")
+    sd = model.state_dict()
+    meta = tinyvit_metadata(model, labels, preprocessing, data)
+    meta.update(format=EXPORT_FORMAT, layout=layout)
+    save_state_dict(path, sd if layout in ("tinyvit", "timm") else from_tinyvit(sd, layout), meta)

@@ -203,7 +203,9 @@ class Checkpoint(NamedTuple):
 
 def save_checkpoint(path, model, optimizer, step: int, train_config: dict | None = None,
                     extra: dict | None = None) -> None:
-    """Write model weights, optimiser state, step, the model's RNG state and the configs.
+    """Write model weights, optimiser state, step, the model's RNG state and the configs, and
+    the model's class names and preprocessing (``model.labels``, ``model.preprocessing``), so
+    ``load_pretrained`` / ``tinyvit predict`` read the checkpoint as it was trained.
 
     Non-finite weights are refused (``ValueError``) and the old file stays."""
     params = model.state_dict()
@@ -217,8 +219,14 @@ def save_checkpoint(path, model, optimizer, step: int, train_config: dict | None
         "format": FORMAT, "step": json.dumps(int(step)), "model_config": json.dumps(model.config.to_dict()),
         "dtype": model.dtype, "optimizer": json.dumps(optim_meta), "rng": json.dumps(rng_state(model.rng)),
         "train_config": json.dumps(train_config or {}), "extra": json.dumps(extra or {}),
+        "labels": json.dumps(getattr(model, "labels", None)),
+        "preprocessing": json.dumps(_as_dict(getattr(model, "preprocessing", None))),
     }
     save_arrays(path, arrays, meta)
+
+
+def _as_dict(preprocessing):
+    return preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else preprocessing
 
 
 def load_checkpoint(path) -> Checkpoint:

@@ -36,6 +36,7 @@ from .data import Normalizer, batches, epoch_order, load_dataset, split, to_back
 from .distill import hard_distillation_backward, hard_distillation_forward
 from ..layers.loss import softmax_cross_entropy
 from ..model import VisionTransformer
+from ..pretrained.preprocess import Preprocessing
 from .optim import build_optimizer, clip_grad_norm, grad_global_norm, warmup_cosine
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -221,6 +222,9 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
     norm = Normalizer.fit(train_set.images)
     test_x = norm(test_set.images)
     model = _build_model(cfg, train_set)
+    model.labels = [str(c) for c in train_set.classes]
+    model.preprocessing = Preprocessing(train_set.images.shape[2:], train_set.images.shape[1], norm.mean.ravel(),
+                                        norm.std.ravel(), "stretch", name="trained")
     optimizer = build_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay)
     num_train, num_classes = len(train_set.labels), len(train_set.classes)
     steps_per_epoch = num_train // cfg.batch_size
