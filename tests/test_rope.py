@@ -276,3 +276,22 @@ def test_rope_under_flash_attention_equals_plain(kind):
     assert_close("dx", out[1][0], out[0][0], rtol=1e-12, atol=1e-12)
     for k in out[0][1]:
         assert_close(k, out[1][1][k], out[0][1][k], rtol=1e-12, atol=1e-12)
+
+
+def test_tinyvit_train_with_rope(tmp_path, capsys):
+    """``tinyvit train --pos-embed rope_mixed --rope-theta 5``: the checkpoint keeps both (model and training
+    config); a bad theta is refused before any step."""
+    from tinyvit.cli import main
+    from tinyvit.training.checkpoint import load_checkpoint
+
+    out = tmp_path / "rope"
+    rc = main(["train", "--epochs", "1", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32",
+               "--batch-size", "256", "--warmup-epochs", "0.5", "--pos-embed", "rope_mixed", "--rope-theta", "5",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0 and "test accuracy:" in capsys.readouterr().out
+    meta = load_checkpoint(out / "checkpoint.safetensors").meta
+    assert meta["model_config"]["pos_embed"] == "rope_mixed" and meta["model_config"]["rope_theta"] == 5.0
+    assert meta["train_config"]["rope_theta"] == 5.0
+    rc = main(["train", "--epochs", "1", "--warmup-epochs", "0", "--pos-embed", "rope_axial", "--rope-theta", "-3",
+               "--out", str(tmp_path / "bad"), "--no-progress"])
+    assert rc == 1 and "rope_theta must be a finite float > 0, got -3.0" in capsys.readouterr().err

@@ -92,7 +92,7 @@ class ViTConfig:
     pool: str = "cls"  # "cls": class token + norm; "mean": mean of patch tokens + fc_norm
     layer_norm_eps: float = 1e-6  # timm uses 1e-6; PyTorch's LayerNorm default is 1e-5
     gelu: str = "none"  # "none": exact erf GELU; "tanh": the tanh approximation
-    pos_embed: str = "learned"  # "learned", fixed "sincos1d" / "sincos2d" tables, or 2D RoPE "rope_axial" / "rope_mixed"
+    pos_embed: str = "learned"  # "learned", fixed "sincos1d"/"sincos2d" tables, or 2D RoPE "rope_axial"/"rope_mixed"
     distilled: bool = False  # DeiT: a distillation token and a second head (head_dist)
     qkv_bias: bool = True  # bias on the fused qkv projection
     attn_impl: str = "plain"  # "plain": softmax(q k^T) kept for the backward; "flash": tiled, keeps O and L only
@@ -144,7 +144,8 @@ class ViTConfig:
                                  f"got {self.dim} / {self.heads} = {head_size}; valid head counts for dim "
                                  f"{self.dim}: {[h for h in range(1, self.dim + 1) if self.dim % (4 * h) == 0]}")
             theta = DEFAULT_THETA[self.pos_embed] if self.rope_theta is None else self.rope_theta
-            if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+            if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
+                    math.isfinite(theta) and theta > 0):
                 raise ValueError(f"rope_theta must be a finite float > 0, got {theta!r}")
             object.__setattr__(self, "rope_theta", float(theta))
         elif self.rope_theta is not None:

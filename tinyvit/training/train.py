@@ -60,7 +60,8 @@ class TrainConfig:
     mlp_dim: int = 192
     pool: str = "mean"  # mean of the patch tokens + fc_norm: learned faster than the class token here
     gelu: str = "tanh"  # cheaper than erf on the CPU; "none" is the exact GELU
-    pos_embed: str = "learned"  # learned | sincos1d | sincos2d
+    pos_embed: str = "learned"  # learned | sincos1d | sincos2d | rope_axial | rope_mixed (2D RoPE, docs/rope.md)
+    rope_theta: float | None = None  # 2D RoPE frequency base; None: the paper's (100 axial, 10 mixed)
     attn_impl: str = "plain"  # plain | flash (tiled, memory linear in the tokens; docs/flash_attention.md)
     attn_block: int = 128  # flash's tile side
     dropout: float = 0.1
@@ -131,7 +132,7 @@ def _build_model(cfg: TrainConfig, train_set) -> VisionTransformer:
         depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, channels=channels, dropout=cfg.dropout,
         pool=cfg.pool, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, drop_path_rate=cfg.drop_path,
         gelu=cfg.gelu, pos_embed=cfg.pos_embed, distilled=cfg.teacher is not None, attn_impl=cfg.attn_impl,
-        attn_block=cfg.attn_block)
+        attn_block=cfg.attn_block, rope_theta=cfg.rope_theta)
 
 
 def load_model(path, backend=None, dtype=None) -> VisionTransformer:
@@ -442,7 +443,11 @@ def register(subparsers) -> None:
                    help=f"head input: mean of the patch tokens or the class token "
                         f"(default {d.pool}; cls with --teacher)")
     g.add_argument("--gelu", choices=("none", "tanh"), default=d.gelu)
-    g.add_argument("--pos-embed", choices=("learned", "sincos1d", "sincos2d"), default=d.pos_embed)
+    g.add_argument("--pos-embed", choices=("learned", "sincos1d", "sincos2d", "rope_axial", "rope_mixed"),
+                   default=d.pos_embed, help="position information: added to the tokens (learned, fixed sin-cos) or "
+                                             "2D RoPE turning q and k in every block (axial fixed, mixed learned)")
+    g.add_argument("--rope-theta", type=float, default=d.rope_theta,
+                   help="2D RoPE frequency base (default: the paper's, 100 axial, 10 mixed)")
     g.add_argument("--attn-impl", choices=("plain", "flash"), default=d.attn_impl,
                    help="attention: plain (keeps the N x N probabilities) or flash (tiled; keeps only the output "
                         "and each row's logsumexp, recomputes the tiles in the backward)")
