@@ -16,13 +16,13 @@ import torch
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
 from tinyvit.backend import Backend
+from tinyvit.gradcheck import assert_backward
 from tinyvit.layers.attention import attention_backward, attention_forward
 from tinyvit.layers.rope import (rope_angles_backward, rope_angles_forward, rope_axial_freqs, rope_backward,
                                  rope_forward, rope_mixed_freqs, rope_positions)
 from tests.conftest import model_on
-from tests.gradcheck import numeric_grad
 from tests.strict_array import StrictArray, strict_xp
-from tests.tolerances import FD_TOLERANCE, TOLERANCES, assert_close
+from tests.tolerances import FD_STEP, FD_TOLERANCE, TOLERANCES, assert_close
 from tests.torch_twin import rope_apply, rope_axial_cis, rope_mixed_cis
 
 B, NH, HS = 2, 2, 8
@@ -31,15 +31,9 @@ NP = GH * GW
 
 
 def check(forward, backward, inputs, names, seed=0):
-    """``forward(*inputs) -> (out, cache)``; ``backward(dout, cache) -> grads`` aligned with ``inputs``."""
-    rng = np.random.default_rng(seed)
-    out, cache = forward(*inputs)
-    dout = rng.standard_normal(np.shape(out))
-    grads = backward(dout, cache)
-    assert len(grads) == len(inputs)
-    for name, x, g in zip(names, inputs, grads):
-        expected = numeric_grad(lambda: forward(*inputs)[0], x, dout)
-        assert_close(name, g, expected, **FD_TOLERANCE)
+    """``forward(*inputs) -> (out, cache)``; ``backward(dout, cache) -> grads`` aligned with ``inputs``;
+    a random upstream gradient, every coordinate by central differences (tinyvit.gradcheck)."""
+    assert_backward(forward, backward, inputs, names=names, seed=seed, mode="full", eps=FD_STEP, **FD_TOLERANCE)
 
 
 @pytest.mark.parametrize("num_prefix", [0, 1, 2])
