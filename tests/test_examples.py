@@ -32,6 +32,7 @@ PICTURES = {
     "05_post_vs_pre_norm.py": ["05_grad_norms.png"],
     "06_distillation.py": ["06_distillation.png"],
     "07_vit_vs_cnn.py": ["07_vit_vs_cnn.png", "07_vit_attention.png"],
+    "08_bring_your_own_layer.py": ["08_gradcheck.png"],
 }
 
 

@@ -306,3 +306,25 @@ def test_command_lists_the_cases(capsys):
     assert main(["gradcheck", "--list"]) == 0
     out = capsys.readouterr().out
     assert all(c.name in out for c in CASES)
+
+
+def test_a_subtle_bug_is_caught_too():
+    """LayerNorm whose backward uses eps 1e-5 where the forward used 1e-6 (unit-variance rows): a ~1e-5
+    relative error, far above the finite differences' rounding (which the report adds to the allowed error)."""
+    from tinyvit.layers.layernorm import layernorm_backward, layernorm_forward
+
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal((2, 5, 8)), rng.standard_normal(8) + 1.0, rng.standard_normal(8)]
+
+    def bad_backward(dout, cache):
+        x_hat, rstd, w = cache
+        rstd_other = 1.0 / np.sqrt(1.0 / rstd ** 2 - 1e-6 + 1e-5)  # the same std with the other eps
+        x_hat_other = x_hat * rstd_other / rstd
+        return layernorm_backward(dout, cache._replace(x_hat=x_hat_other, rstd=rstd_other))
+
+    good = check_backward(lambda x, w, b: layernorm_forward(x, w, b, 1e-6), layernorm_backward, args)
+    bad = check_backward(lambda x, w, b: layernorm_forward(x, w, b, 1e-6), bad_backward, args,
+                         names=["x", "w", "b"])
+    assert good.ok, str(good)
+    assert not bad.ok and {r.name for r in bad.rows if not r.passed} >= {"x"}, str(bad)
+    assert all(0 < r.noise < 1e-6 for r in bad.rows)

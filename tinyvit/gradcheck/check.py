@@ -43,6 +43,12 @@ FINITE_DIFFERENCES, DIRECTIONAL, PYTORCH = "finite differences", "directional", 
 # float64 against PyTorch: both sides are exact up to rounding of different summation orders.
 # float32 (the backward's own float32 arithmetic, references in float64): ~6e-8 relative
 # rounding per op, accumulated over sums of a few hundred terms.
+# The differences carry rounding of their own: L = sum(out * dout) is known to about
+# u * sum |out * dout| (u = 2^-52), so (L+ - L-) / (2 eps) to about u * sum |out * dout| / eps.
+# FD_ROUNDING times that is added to the allowed error of every finite-difference and
+# directional row (the report prints it), so the check does not fail a right backward merely
+# because its layer is large; the planted bugs of tests/test_gradcheck.py are ~1e6 x above it.
+FD_ROUNDING = 8.0
 TOLERANCES = {
     "float64": {FINITE_DIFFERENCES: (1e-6, 1e-8), DIRECTIONAL: (1e-6, 1e-8), PYTORCH: (1e-9, 1e-10)},
     "float32": {FINITE_DIFFERENCES: (1e-4, 1e-5), DIRECTIONAL: (1e-4, 1e-5), PYTORCH: (1e-4, 1e-5)},
@@ -69,6 +75,7 @@ class Row:
     worst: tuple | None = None  # index of the worst coordinate (a direction number in directional mode)
     got: float = float("nan")  # the backward's value there
     expected: float = float("nan")  # the reference's value there
+    noise: float = 0.0  # the finite differences' own rounding error, added to the allowed error
 
     def where(self) -> str:
         if self.worst is None:
@@ -109,7 +116,8 @@ class Report:
             line = (f"{r.name:<{width}}  {r.reference:<18}  {r.checked:>7}  {r.max_abs:>9.2e}  {r.max_rel:>9.2e}  "
                     f"{r.over:>9.2g}  {'PASS' if r.passed else 'FAIL'}")
             if not r.passed:
-                line += f"  ({r.where()}; rtol {r.rtol:g}, atol {r.atol:g})"
+                line += f"  ({r.where()}; rtol {r.rtol:g}, atol {r.atol:g}" + \
+                        (f", rounding of the differences {r.noise:.1e})" if r.noise else ")")
             lines.append(line)
         lines += [f"problem: {p}" for p in self.problems]
         lines += [f"note: {n}" for n in self.notes]
@@ -133,11 +141,11 @@ def _describe(x) -> str:
     return f"a {type(x).__name__}"
 
 
-def _compare(name, reference, got, expected, rtol, atol, checked=None) -> Row:
+def _compare(name, reference, got, expected, rtol, atol, checked=None, noise=0.0) -> Row:
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     err = np.abs(got - expected)
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-    allowed = atol * scale + rtol * np.abs(expected)
+    allowed = atol * scale + rtol * np.abs(expected) + noise
     finite = np.isfinite(got) == np.isfinite(expected)
     err = np.where(finite & np.isfinite(err), err, np.inf)  # NaN/Inf where the reference has none: a failure
     over = err / allowed
@@ -149,7 +157,7 @@ def _compare(name, reference, got, expected, rtol, atol, checked=None) -> Row:
     return Row(name, reference, float(err.max()), float(err.max() / size),
                bool(np.all(err <= allowed)), rtol, atol, int(err.size if checked is None else checked),
                float(over.reshape(-1)[i]), tuple(int(j) for j in index),
-               float(got.reshape(-1)[i]), float(expected.reshape(-1)[i]))
+               float(got.reshape(-1)[i]), float(expected.reshape(-1)[i]), noise)
 
 
 def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
@@ -204,13 +212,15 @@ def _split_grads(grads, args, names):
     return list(grads)
 
 
-def _loss(forward, args, kwargs, dout64) -> float:
-    """``L = sum(out * dout)`` in float64, on the backend, read back as one number."""
+def _loss(forward, args, kwargs, dout64) -> tuple:
+    """``(L, sum |out * dout|)`` with ``L = sum(out * dout)`` in float64, on the backend, read back
+    as two numbers (the second sizes the rounding error of ``L``)."""
     out, _ = _split_forward(forward(*args, **kwargs))
     if tuple(out.shape) != tuple(dout64.shape):
         raise ValueError(f"forward's out changed shape between calls: {tuple(out.shape)} vs {tuple(dout64.shape)}")
     xp = array_module(out)
-    return float(to_host(xp.sum(out * dout64)))
+    terms = out * dout64
+    return float(to_host(xp.sum(terms))), float(to_host(xp.sum(xp.abs(terms))))
 
 
 # ------------------------------------------------------------------------------------ the check
@@ -310,7 +320,16 @@ def check_backward(forward, backward, args, kwargs=None, *, names=None, torch_fo
     for i, (a, g) in enumerate(zip(args, grads)):
         if _is_float_array(a) and g is None:
             report.notes.append(f"'{names[i]}': backward returned None (no gradient): not checked")
-    loss = lambda: _loss(forward, args64, kwargs, dout64)  # noqa: E731
+    magnitude = [0.0]  # the largest sum |out * dout| seen: sizes the rounding error of the differences
+
+    def loss():
+        value, size = _loss(forward, args64, kwargs, dout64)
+        magnitude[0] = max(magnitude[0], size)
+        return value
+
+    def noise():  # |error of (L+ - L-) / (2 eps)| from rounding in L, with headroom for the forward's own
+        return float(FD_ROUNDING * np.finfo(np.float64).eps * magnitude[0] / eps)
+
     rng = np.random.default_rng(seed + 1)
     for i in checked:
         g = np.asarray(to_host(grads[i]), dtype=np.float64)
@@ -326,7 +345,7 @@ def check_backward(forward, backward, args, kwargs=None, *, names=None, torch_fo
                 args64[i] = xp.asarray(base)
                 got.append(float(np.sum(g * v)))
                 expected.append((values[0] - values[1]) / (2 * eps))
-            report.rows.append(_compare(names[i], DIRECTIONAL, got, expected, *tol(DIRECTIONAL)))
+            report.rows.append(_compare(names[i], DIRECTIONAL, got, expected, *tol(DIRECTIONAL), noise=noise()))
             continue
         if mode == "full" or base.size <= samples:
             coords = range(base.size)
@@ -345,10 +364,11 @@ def check_backward(forward, backward, args, kwargs=None, *, names=None, torch_fo
             numeric[c] = (plus - minus) / (2 * eps)
         if mode == "full" or base.size <= samples:
             report.rows.append(_compare(names[i], FINITE_DIFFERENCES, g, numeric.reshape(base.shape),
-                                        *tol(FINITE_DIFFERENCES)))
+                                        *tol(FINITE_DIFFERENCES), noise=noise()))
         else:
             sel = np.asarray(coords)
-            row = _compare(names[i], FINITE_DIFFERENCES, g.reshape(-1)[sel], numeric[sel], *tol(FINITE_DIFFERENCES))
+            row = _compare(names[i], FINITE_DIFFERENCES, g.reshape(-1)[sel], numeric[sel], *tol(FINITE_DIFFERENCES),
+                           noise=noise())
             if row.worst is not None:  # name the coordinate in the argument's own shape
                 row.worst = tuple(int(j) for j in np.unravel_index(int(sel[row.worst[0]]), base.shape))
             report.rows.append(row)
