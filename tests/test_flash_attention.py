@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 
 from tinyvit import VisionTransformer, softmax_cross_entropy
 from tinyvit.backend import Backend
+from tinyvit.gradcheck import assert_backward
 from tinyvit.layers.attention import attention_backward, attention_forward
 from tinyvit.layers.flash_attention import (draw_dropout_seed, dropout_keep_mask, dropout_keep_tile,
                                             flash_attention_backward, flash_attention_forward, flash_core_backward,
                                             flash_core_forward, flash_probabilities)
-from tests.gradcheck import numeric_grad
 from tests.strict_array import StrictArray, strict_xp
 from tests.test_model_twin import compare_with_twin, perturbed_model
-from tests.tolerances import FD_TOLERANCE, TOLERANCES, assert_close
+from tests.tolerances import FD_STEP, FD_TOLERANCE, TOLERANCES, assert_close
 
 REL = 1e-12  # the bound for float64 flash vs plain
 
@@ -86,14 +86,10 @@ def test_flash_core_backward_against_finite_differences():
     B, NH, N, hs, block = 1, 2, 7, 3, 3
     q, k, v = (rng.standard_normal((B, NH, N, hs)) for _ in range(3))
     mask = rng.random((B, NH, N, N)) > 0.25
-    dout = rng.standard_normal((B, NH, N, hs))
     for attn_mask in (None, mask):
-        def f():
-            return flash_core_forward(q, k, v, 0.7, block, 0.25, attn_mask is not None, attn_mask=attn_mask)[0]
-        _, cache = flash_core_forward(q, k, v, 0.7, block, 0.25, attn_mask is not None, attn_mask=attn_mask)
-        dq, dk, dv = flash_core_backward(dout, cache)
-        for name, arr, grad in (("dq", q, dq), ("dk", k, dk), ("dv", v, dv)):
-            assert_close(name, grad, numeric_grad(f, arr, dout), **FD_TOLERANCE)
+        def forward(q, k, v):
+            return flash_core_forward(q, k, v, 0.7, block, 0.25, attn_mask is not None, attn_mask=attn_mask)
+        assert_backward(forward, flash_core_backward, [q, k, v], names=["q", "k", "v"], eps=FD_STEP, **FD_TOLERANCE)
 
 
 def test_cache_holds_nothing_n_by_n():
