@@ -462,7 +462,7 @@ class VisionTransformer:
         return {key: self.params.get(prefix + key) for key in BLOCK_KEYS}
 
     # ---------------------------------------------------------------- backward
-    def backward(self, dlogits, *, keep_cache: bool = True):
+    def backward(self, dlogits, *, keep_cache: bool = True, grad_ready=None):
         """``dlogits: (B, K) = dL/dlogits -> dx: (B, C, H, W) = dL/dx``.
 
         Reads the caches of the last forward. ``self.grads`` is **overwritten** (not
@@ -472,20 +472,23 @@ class VisionTransformer:
         PyTorch frees its graph in ``backward()``: a training step's peak memory is then the
         forward's, not the forward's plus every gradient; attention_maps and a second
         backward then need a new forward.
+        ``grad_ready({key: grad})``, if given, is called as soon as gradients are final: the
+        heads and final norm, then each block from the last to the first, then the embeddings
+        (data-parallel training starts each bucket's all-reduce there: tinyvit/distributed).
         """
         self._check_upstream(dlogits, "dlogits")
         if self.config.distilled:
             half = dlogits * 0.5
-            return self._backward(half, half, keep_cache)
-        return self._backward(dlogits, None, keep_cache)
+            return self._backward(half, half, keep_cache, grad_ready)
+        return self._backward(dlogits, None, keep_cache, grad_ready)
 
-    def backward_distill(self, dcls_logits, ddist_logits, *, keep_cache: bool = True):
+    def backward_distill(self, dcls_logits, ddist_logits, *, keep_cache: bool = True, grad_ready=None):
         """The backward of :meth:`forward_distill`: one ``(B, K)`` gradient per head."""
         if not self.config.distilled:
             raise ValueError("backward_distill needs a model built with distilled=True")
         self._check_upstream(dcls_logits, "dcls_logits")
         self._check_upstream(ddist_logits, "ddist_logits")
-        return self._backward(dcls_logits, ddist_logits, keep_cache)
+        return self._backward(dcls_logits, ddist_logits, keep_cache, grad_ready)
 
     def _check_upstream(self, d, name):
         if self._cache is None:
@@ -499,9 +502,15 @@ class VisionTransformer:
         if d.dtype != np.dtype(self.dtype):
             raise TypeError(f"{name} must be {self.dtype} like the model, got {d.dtype}")
 
-    def _backward(self, dcls_logits, ddist_logits, keep_cache=True):
+    def _backward(self, dcls_logits, ddist_logits, keep_cache=True, grad_ready=None):
         c, p, cache = self.config, self.params, self._cache
         g = {}
+        sent = set()  # the keys already handed to grad_ready
+
+        def ready(grads):
+            sent.update(grads)
+            if grad_ready is not None:
+                grad_ready(grads)
         dpooled = []
         for h, dlog, lin_cache in zip(("head", "head_dist"), (dcls_logits, ddist_logits), cache.heads):
             dv, g[f"{h}.weight"], g[f"{h}.bias"] = linear_backward(dlog, lin_cache)  # (B, D)
@@ -515,6 +524,7 @@ class VisionTransformer:
         else:
             dv, g[f"{norm}.weight"], g[f"{norm}.bias"] = layernorm_backward(dpooled[0], cache.final_norm)  # (B, D)
             dx = pool_backward(dv, cache.pools[0])  # (B, N, D)
+        ready(dict(g))  # the heads and the final norm
 
         dfreqs = [None] * c.depth
         for i in reversed(range(c.depth)):
@@ -524,9 +534,9 @@ class VisionTransformer:
             dangles = block_grads.pop("attn.rope_angles", None)  # (NH, Np, hs/2) under RoPE
             if c.pos_embed == "rope_mixed":
                 dfreqs[i] = rope_angles_backward(dangles, cache.rope)  # (2, NH, hs/2)
-            for key, value in block_grads.items():
-                if value is not None:
-                    g[f"blocks.{i}.{key}"] = value
+            named = {f"blocks.{i}.{key}": value for key, value in block_grads.items() if value is not None}
+            g.update(named)
+            ready(named)  # this block's gradients are final
 
         dx = dropout_backward(dx, cache.emb_dropout)
         if c.pos_embed == "learned":
@@ -538,6 +548,7 @@ class VisionTransformer:
         if c.distilled:
             g["dist_token"] = dprefix[1]
         dx, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = patch_embed_backward(dx, cache.patch_embed)
+        ready({k: v for k, v in g.items() if k not in sent})  # the embeddings (and RoPE's frequencies)
         self.grads = {k: g[k] for k in p}  # same keys and order as params
         if not keep_cache:
             self._cache = None

@@ -100,18 +100,43 @@ def cutmix(images: np.ndarray, labels: np.ndarray, num_classes: int, rng, alpha:
     return out, _soft_targets(labels, num_classes, lam), lam
 
 
+def draw_mix(rng, height: int, width: int, mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5):
+    """timm's ``Mixup`` policy, the draws only (one per batch): ``None`` (no mixing),
+    ``("mixup", lam, None)`` or ``("cutmix", lam, (y0, y1, x0, x1))`` with ``lam`` the kept share."""
+    use_mix, use_cut = mixup_alpha > 0, cutmix_alpha > 0
+    if not (use_mix or use_cut) or rng.random() >= prob:
+        return None
+    if use_cut and (not use_mix or rng.random() < switch_prob):
+        lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
+        y0, y1, x0, x1 = cutmix_box(height, width, lam, rng)
+        return "cutmix", 1.0 - (y1 - y0) * (x1 - x0) / (height * width), (y0, y1, x0, x1)
+    return "mixup", float(rng.beta(mixup_alpha, mixup_alpha)), None
+
+
+def apply_mix(images, partners, labels, partner_labels, num_classes: int, mix):
+    """Mix each image with its partner (in a whole batch: the batch reversed) as ``mix`` from
+    :func:`draw_mix` says; ``-> (images (b, C, H, W), soft targets (b, K) float64)``. A data-parallel
+    rank passes its own images and their partners from the other end of the global batch."""
+    hot, partner_hot = one_hot(labels, num_classes), one_hot(partner_labels, num_classes)  # (b, K)
+    if mix is None:
+        return images, hot
+    kind, lam, box = mix
+    if kind == "mixup":
+        out = (images * lam + partners * (1.0 - lam)).astype(images.dtype)
+    else:
+        y0, y1, x0, x1 = box
+        out = images.copy()
+        out[:, :, y0:y1, x0:x1] = partners[:, :, y0:y1, x0:x1]
+    return out, lam * hot + (1.0 - lam) * partner_hot
+
+
 def mix_batch(images, labels, num_classes, rng, mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5):
     """timm's ``Mixup`` policy: with probability ``prob`` apply CutMix (chosen with
     ``switch_prob`` when both are on) or Mixup; otherwise one-hot targets.
     ``-> (images, soft targets (B, K) float64)``."""
-    use_mix, use_cut = mixup_alpha > 0, cutmix_alpha > 0
-    if not (use_mix or use_cut) or rng.random() >= prob:
-        return images, one_hot(labels, num_classes)
-    if use_cut and (not use_mix or rng.random() < switch_prob):
-        out, targets, _ = cutmix(images, labels, num_classes, rng, cutmix_alpha)
-    else:
-        out, targets, _ = mixup(images, labels, num_classes, rng, mixup_alpha)
-    return out, targets
+    _check_images(images)
+    mix = draw_mix(rng, images.shape[2], images.shape[3], mixup_alpha, cutmix_alpha, prob, switch_prob)
+    return apply_mix(images, images[::-1], labels, labels[::-1], num_classes, mix)
 
 
 # ---------------------------------------------------------------- RandAugment subset

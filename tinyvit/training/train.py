@@ -2,21 +2,24 @@
 
 One step, read top to bottom (``train``)::
 
-    indices  = the epoch's permutation (seeded by (seed, epoch))[i*B : (i+1)*B]
-    x, y     = host images (B, C, H, W), labels (B,)
-    x        = random crop / flip / RandAugment       host NumPy, generator seeded by (seed, step)
-    x, t     = Mixup / CutMix -> soft targets (B, K)   (or t = y)
+    batch    = the epoch's permutation (seeded by (seed, epoch))[i*B : (i+1)*B]
+    idx      = batch[positions]                        this rank's share (K = 1: all of it)
+    x, y     = host images (b, C, H, W), labels (b,)
+    x        = random crop / flip / RandAugment       host NumPy, one generator per (seed, step, sample)
+    x, t     = Mixup / CutMix -> soft targets (b, K)   one draw per step; partner: the batch reversed
     x        = (x - mean) / std                        training-set statistics
     x, t     -> the model's backend                    the one host-to-device copy of the step
-    logits   = model.forward(x, train=True)            dropout / drop path from model.rng
+    logits   = model.forward(x, train=True, rng=...)   dropout / drop path drawn per sample (randomness.py)
     loss, dlogits = cross-entropy (label smoothing)    or DeiT's hard distillation loss
-    model.backward(dlogits)                            -> model.grads
-    grads, norm = clip_grad_norm(model.grads)
-    loss or norm not finite -> skip the step (nothing changes); a few in a row -> stop
+    model.backward(dlogits, grad_ready=hook)           -> model.grads; K > 1: buckets all-reduced on the way
+    grads = mean over the ranks                        (tinyvit/distributed)
+    grads, norm = clip_grad_norm(grads)
+    loss or norm not finite (on any rank) -> skip the step (nothing changes); a few in a row -> stop
     optimizer.step(model.params, grads, lr = warm-up + cosine(step))
 
-Every random choice is seeded by the run's seed and the step (or lives in ``model.rng``,
-whose state the checkpoint stores), so a run resumed from a checkpoint continues exactly.
+Every random choice is a function of the run's seed, the step and the sample's place in the
+global batch, so a run resumed from a checkpoint continues exactly, and ``mpiexec -n K``
+computes what one process computes (docs/data_parallel.md).
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ from ..layers.loss import softmax_cross_entropy
 from ..model import VisionTransformer
 from ..pretrained.preprocess import Preprocessing
 from .optim import build_optimizer, clip_grad_norm, grad_global_norm, warmup_cosine
+from .randomness import SampleRandom, sample_generator
+from ..distributed import DEFAULT_BUCKET_MB, DistributedError, GradientAllReduce, SingleProcess, check_start, world
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -94,6 +99,9 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
     eval_every: int = 1  # epochs between test evaluations (and checkpoints)
     blas_threads: int = 1  # BLAS threads for the run (0: the library's default); see train()
+    # data parallel (mpiexec -n K): the gradient all-reduce's bucket size and overlap with the backward
+    bucket_mb: float = DEFAULT_BUCKET_MB
+    overlap: bool = True
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "max_bad_steps", "eval_every"):
@@ -104,7 +112,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("warmup_epochs", "mixup", "cutmix", "min_lr"):
+        for name in ("warmup_epochs", "mixup", "cutmix", "min_lr", "bucket_mb"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -144,28 +152,54 @@ def load_model(path, backend=None, dtype=None) -> VisionTransformer:
     return model
 
 
-def evaluate(model: VisionTransformer, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model.forward(x, train=False)`` over normalised host images."""
+def evaluate(model: VisionTransformer, images: np.ndarray, labels: np.ndarray, batch_size: int = 256,
+             comm=None) -> float:
+    """Top-1 accuracy of ``model.forward(x, train=False)`` over normalised host images
+    (with a communicator: each rank scores a contiguous share and the counts are summed)."""
+    comm = comm or SingleProcess()
+    lo, hi = len(labels) * comm.rank // comm.size, len(labels) * (comm.rank + 1) // comm.size
     correct = 0
-    for idx in batches(len(labels), batch_size, np.arange(len(labels)), drop_last=False):
+    for idx in batches(hi - lo, batch_size, np.arange(lo, hi), drop_last=False):
         x = model.backend.asarray(np.ascontiguousarray(images[idx]), dtype=model.dtype)
         pred = model.backend.to_host(model.forward(x).argmax(axis=1))  # (B,)
         correct += int((pred == labels[idx]).sum())
-    return correct / len(labels)
+    return int(comm.allreduce_host([correct])[0]) / len(labels)
 
 
-def augment_batch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, rng, fill: float):
-    """Host augmentation of one batch -> ``(images (B, C, H, W), targets (B,) int or (B, K) soft)``."""
-    x = images
-    if cfg.crop_padding:
-        x = augment.random_crop(x, rng, cfg.crop_padding, fill)
-    if cfg.flip:
-        x = augment.random_flip(x, rng)
-    if cfg.randaugment:
-        x = augment.rand_augment(x, rng, cfg.randaugment, cfg.ra_magnitude, fill)
-    if cfg.mixup or cfg.cutmix:
-        return augment.mix_batch(x, labels, num_classes, rng, cfg.mixup, cfg.cutmix)
-    return x, labels
+def augment_batch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, batch: np.ndarray, positions, step: int,
+                  num_classes: int, fill: float):
+    """Host augmentation of this rank's share of one global batch.
+
+    ``batch: (B,)`` indices into ``images``/``labels``; ``positions: (b,)`` this rank's places in
+    it (K = 1: all). ``-> (images (b, C, H, W), targets (b,) int or (b, K) soft)``. Crop, flip and
+    RandAugment draw from each sample's own generator; Mixup/CutMix draw once per step and mix
+    place g with place B-1-g, so a rank also prepares its samples' partners."""
+    def prepared(places):  # (n,) places -> augmented images (n, C, H, W)
+        x = images[batch[places]]
+        if not (cfg.crop_padding or cfg.flip or cfg.randaugment):
+            return x
+        out = np.empty_like(x)
+        for j, place in enumerate(places):
+            rng = sample_generator(cfg.seed, step, int(place))
+            one = x[j:j + 1]
+            if cfg.crop_padding:
+                one = augment.random_crop(one, rng, cfg.crop_padding, fill)
+            if cfg.flip:
+                one = augment.random_flip(one, rng)
+            if cfg.randaugment:
+                one = augment.rand_augment(one, rng, cfg.randaugment, cfg.ra_magnitude, fill)
+            out[j] = one[0]
+        return out
+
+    positions = np.asarray(positions)
+    x, y = prepared(positions), labels[batch[positions]]
+    if not (cfg.mixup or cfg.cutmix):
+        return x, y
+    mix = augment.draw_mix(np.random.default_rng([cfg.seed, 2, step]), x.shape[2], x.shape[3], cfg.mixup, cfg.cutmix)
+    partners = len(batch) - 1 - positions  # (b,) places of the partners
+    local = partners - positions[0]  # positions is one contiguous range: partners inside it are already done
+    px = x[local] if mix is None or np.all((local >= 0) & (local < len(positions))) else prepared(partners)
+    return augment.apply_mix(x, px, y, labels[batch[partners]], num_classes, mix)
 
 
 class _StopFlag:
@@ -192,12 +226,19 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def train(cfg: TrainConfig, resume=None, progress: bool = True, on_step=None, stop_after: int | None = None) -> dict:
+def train(cfg: TrainConfig, resume=None, progress: bool = True, on_step=None, stop_after: int | None = None,
+          comm=None) -> dict:
     """Run (or resume) a training run; return a summary dict.
 
     ``resume``: a checkpoint path; the run continues from its step with its weights,
     optimiser state and dropout generator. ``on_step(step, model)`` is called after each
     step (tests use it). ``stop_after``: stop (and save) after this many steps in all.
+
+    ``comm``: a communicator from :func:`tinyvit.distributed.world` (default: one process).
+    With K ranks each global batch of ``cfg.batch_size`` is split into K equal shares and the
+    gradients are averaged; rank 0 alone prints and writes. A rank that fails before the first
+    step, ranks started with different configs, or a batch that does not split over K raise the
+    same :class:`~tinyvit.distributed.DistributedError` on every rank.
 
     BLAS threads: the matrices of a small ViT are tiny, and OpenBLAS's threads spin while
     they wait; on a 2-core machine shared with other work the default run took 108 s with
@@ -207,13 +248,45 @@ def train(cfg: TrainConfig, resume=None, progress: bool = True, on_step=None, st
         from threadpoolctl import threadpool_limits
     except ImportError:  # optional: without it the BLAS keeps its own thread count
         threadpool_limits = None
-    if cfg.blas_threads and threadpool_limits is not None:
-        with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
-            return _train(cfg, resume, progress, on_step, stop_after)
-    return _train(cfg, resume, progress, on_step, stop_after)
+    comm = comm or SingleProcess()
+    started = []  # set once every rank has passed the start-up check
+    try:
+        if cfg.blas_threads and threadpool_limits is not None:
+            with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
+                return _train(cfg, resume, progress, on_step, stop_after, comm, started)
+        return _train(cfg, resume, progress, on_step, stop_after, comm, started)
+    except Exception as exc:
+        if comm.size == 1 or started or isinstance(exc, DistributedError):
+            raise
+        check_start(comm, {}, cfg.batch_size, error=exc)  # meet the others there: all stop with one message
+        raise
 
 
-def _train(cfg, resume, progress, on_step, stop_after) -> dict:
+def _fingerprint(cfg, train_set, resume) -> dict:
+    """What every rank must agree on before the first step: the config, the data, the resume file."""
+    import zlib
+
+    flat = train_set.images.reshape(-1)
+    sample = np.ascontiguousarray(flat[::max(1, flat.size // 100_000)])  # a cheap look at the pixels
+    return {**asdict(cfg), "resume": None if resume is None else os.path.abspath(resume),
+            "train_images": int(len(train_set.labels)), "image_shape": list(train_set.images.shape[1:]),
+            "data_crc32": zlib.crc32(np.ascontiguousarray(train_set.labels).tobytes()) ^ zlib.crc32(sample.tobytes())}
+
+
+def _ranks_agree(comm, model) -> bool:
+    """True if every rank holds bit-identical weights (K = 1: trivially)."""
+    if comm.size == 1:
+        return True
+    import zlib
+
+    digest = 0
+    for value in model.state_dict().values():
+        digest = zlib.crc32(np.ascontiguousarray(value).tobytes(), digest)
+    digests = comm.gather_object(digest)
+    return bool(comm.bcast_object(None if digests is None else len(set(digests)) == 1))
+
+
+def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -242,7 +315,14 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
             raise ValueError(f"teacher {cfg.teacher} predicts {teacher.config.num_classes} classes, the data has "
                              f"{num_classes}")
 
-    os.makedirs(cfg.out, exist_ok=True)
+    check_start(comm, _fingerprint(cfg, train_set, resume), cfg.batch_size)
+    started.append(True)
+    lead = comm.rank == 0  # rank 0 alone prints and writes
+    share = cfg.batch_size // comm.size
+    positions = np.arange(comm.rank * share, (comm.rank + 1) * share)  # this rank's places in every global batch
+    reducer = GradientAllReduce(comm, cfg.bucket_mb, cfg.overlap)
+    if lead:
+        os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     history = {"step_loss": [], "epoch": [], "train_loss": [], "train_acc": [], "test_acc": []}
     step = 0
@@ -254,6 +334,9 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
 
     def save(at_step):
         nonlocal last_saved
+        if not lead:
+            last_saved = at_step
+            return
         save_checkpoint(ckpt_path, model, optimizer, at_step, asdict(cfg),
                         {"history": history, "normalizer": [norm.mean.ravel().tolist(), norm.std.ravel().tolist()]})
         last_saved = at_step
@@ -263,7 +346,7 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
     epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
     order_epoch, order = None, None
     images_done, t_loop = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and lead), unit="step", dynamic_ncols=True,
                file=sys.stderr, desc="train")
     interrupted = False
     with _StopFlag() as stop:
@@ -271,33 +354,43 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
             epoch, i = divmod(step, steps_per_epoch)
             if order_epoch != epoch:
                 order, order_epoch = epoch_order(num_train, cfg.seed, epoch), epoch
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            rng = np.random.default_rng([cfg.seed, 2, step])
-            xb, targets = augment_batch(cfg, train_set.images[idx], train_set.labels[idx], num_classes, rng, fill)
-            x, t = to_backend(model.backend, norm(xb), targets, cfg.dtype)  # (B, C, H, W), (B,) | (B, K)
+            batch = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # the global batch
+            idx = batch[positions]  # this rank's share
+            xb, targets = augment_batch(cfg, train_set.images, train_set.labels, batch, positions, step, num_classes,
+                                        fill)
+            x, t = to_backend(model.backend, norm(xb), targets, cfg.dtype)  # (b, C, H, W), (b,) | (b, K)
             lr = warmup_cosine(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            rng = SampleRandom(model.backend, cfg.seed, step, positions)  # dropout drawn per sample
 
             if teacher is None:
-                logits = model.forward(x, train=True)  # (B, K)
+                logits = model.forward(x, train=True, rng=rng)  # (b, K)
                 loss, dlogits = softmax_cross_entropy(logits, t, cfg.label_smoothing)
-                model.backward(dlogits)
+                model.backward(dlogits, grad_ready=reducer.grads_ready)
             else:
-                cls_logits, dist_logits = model.forward_distill(x, train=True)  # (B, K) each
+                cls_logits, dist_logits = model.forward_distill(x, train=True, rng=rng)  # (b, K) each
                 loss, _, cache = hard_distillation_forward(cls_logits, dist_logits, t, teacher.forward(x),
                                                            cfg.distill_alpha, cfg.label_smoothing)
-                model.backward_distill(*hard_distillation_backward(cache))
+                model.backward_distill(*hard_distillation_backward(cache), grad_ready=reducer.grads_ready)
                 logits = (cls_logits + dist_logits) * 0.5
+            grads = reducer.finish(model.grads)  # the mean over the ranks (K = 1: model.grads)
             if cfg.clip_grad:
-                grads, gnorm = clip_grad_norm(model.grads, cfg.clip_grad)
+                grads, gnorm = clip_grad_norm(grads, cfg.clip_grad)
             else:
-                grads, gnorm = model.grads, grad_global_norm(model.grads)
-            loss_value, gnorm_value = float(loss), float(gnorm)  # device -> host: two scalars (and the predictions)
+                gnorm = grad_global_norm(grads)
+            hard = targets.argmax(axis=1) if targets.ndim == 2 else targets  # Mixup: the larger share
+            correct = int((model.backend.to_host(logits.argmax(axis=1)) == hard).sum())
+            local_loss = float(loss)  # device -> host: two scalars (and the predictions)
+            # one small all-reduce: the global batch's loss, any rank's non-finite loss, accuracy, Ctrl-C
+            sums = comm.allreduce_host([local_loss * len(idx), not math.isfinite(local_loss), correct, stop.set])
+            loss_value = local_loss if comm.size == 1 else float(sums[0]) / len(batch)
+            gnorm_value = float(gnorm)  # the same on every rank: the norm of the averaged gradient
 
-            if not (math.isfinite(loss_value) and math.isfinite(gnorm_value)):
+            if sums[1] or not (math.isfinite(loss_value) and math.isfinite(gnorm_value)):
                 bad_steps += 1
                 skipped.append(step)
-                bar.write(f"step {step}: loss {loss_value} / gradient norm {gnorm_value} is not finite; "
-                          f"step skipped, weights unchanged")
+                if lead:
+                    bar.write(f"step {step}: loss {loss_value} / gradient norm {gnorm_value} is not finite; "
+                              f"step skipped, weights unchanged")
                 if bad_steps >= cfg.max_bad_steps:
                     bar.close()
                     where = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none was written"
@@ -307,13 +400,12 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
             else:
                 bad_steps = 0
                 optimizer.step(model.params, grads, lr)
-                hard = targets.argmax(axis=1) if targets.ndim == 2 else targets  # Mixup: the larger share
-                epoch_correct += int((model.backend.to_host(logits.argmax(axis=1)) == hard).sum())
-                epoch_loss += loss_value * len(idx)
-                epoch_seen += len(idx)
+                epoch_correct += int(sums[2])
+                epoch_loss += loss_value * len(batch)
+                epoch_seen += len(batch)
                 history["step_loss"].append(loss_value)
             step += 1
-            images_done += len(idx)
+            images_done += len(batch)
             if on_step is not None:
                 on_step(step, model)
             rate = images_done / max(time.perf_counter() - t_loop, 1e-9)
@@ -328,31 +420,35 @@ def _train(cfg, resume, progress, on_step, stop_after) -> dict:
                 history["train_loss"].append(epoch_loss / max(epoch_seen, 1))
                 history["train_acc"].append(epoch_correct / max(epoch_seen, 1))
                 evaluate_now = epoch_done % cfg.eval_every == 0 or step == total_steps
-                history["test_acc"].append(evaluate(model, test_x, test_set.labels) if evaluate_now else None)
+                history["test_acc"].append(evaluate(model, test_x, test_set.labels, comm=comm) if evaluate_now else None)
                 epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
                 if evaluate_now:
                     bar.set_postfix(loss=f"{loss_value:.3f}", test_acc=f"{history['test_acc'][-1]:.4f}",
                                     img_s=f"{rate:.0f}")
                     save(step)
-            if stop.set or (stop_after is not None and step >= stop_after):
-                interrupted = stop.set
+            stopping = stop.set if comm.size == 1 else bool(sums[3])  # K > 1: every rank stops at the same step
+            if stopping or (stop_after is not None and step >= stop_after):
+                interrupted = stopping
                 if last_saved != step:
                     save(step)
                 break
     bar.close()
-    test_acc = evaluate(model, test_x, test_set.labels)
+    test_acc = evaluate(model, test_x, test_set.labels, comm=comm)
     elapsed = time.perf_counter() - t_start
     summary = {
         "test_acc": test_acc, "steps": step, "total_steps": total_steps, "epochs": cfg.epochs,
         "seconds": elapsed, "images_per_s": images_done / max(time.perf_counter() - t_loop, 1e-9),
         "train_images": num_train, "test_images": len(test_set.labels), "params": model.num_params(),
         "skipped_steps": skipped, "interrupted": interrupted, "checkpoint": ckpt_path, "finished": step >= total_steps,
+        "ranks": comm.size, "allreduce": dict(reducer.stats), "ranks_agree": _ranks_agree(comm, model),
     }
     if step >= total_steps and last_saved != step:
         save(step)
-    atomic_write(os.path.join(cfg.out, "history.json"),
-                 json.dumps({"summary": summary, "history": history, "config": asdict(cfg)}, indent=1).encode())
-    summary["plot"] = plot_curves(history, os.path.join(cfg.out, "curves.png"))
+    summary["plot"] = None
+    if lead:
+        atomic_write(os.path.join(cfg.out, "history.json"),
+                     json.dumps({"summary": summary, "history": history, "config": asdict(cfg)}, indent=1).encode())
+        summary["plot"] = plot_curves(history, os.path.join(cfg.out, "curves.png"))
     summary["model"] = model
     return summary
 
@@ -403,19 +499,44 @@ def run_train(args) -> int:
         out = args.out if args.out is not None else os.path.dirname(os.path.abspath(resume))
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
         cfg.out = out
+    comm = world(cfg.backend)  # mpiexec -n K: MPI (NumPy) or NCCL (CuPy); otherwise one process
+    lead = comm.rank == 0
+    if resume is not None and lead:
         print(f"resuming from {resume}: its training config is used; results go to {out}", file=sys.stderr)
-    print(f"tinyvit train: {'digits (bundled)' if cfg.data is None else cfg.data}, {cfg.epochs} epochs, batch "
-          f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, ViT dim {cfg.dim} depth {cfg.depth} patch {cfg.patch_size}"
-          f"{', teacher ' + cfg.teacher if cfg.teacher else ''}, {cfg.backend}/{cfg.dtype}", file=sys.stderr)
+    if lead:
+        print(f"tinyvit train: {'digits (bundled)' if cfg.data is None else cfg.data}, {cfg.epochs} epochs, batch "
+              f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, ViT dim {cfg.dim} depth {cfg.depth} patch "
+              f"{cfg.patch_size}{', teacher ' + cfg.teacher if cfg.teacher else ''}, {cfg.backend}/{cfg.dtype}"
+              f"{f', {comm.size} ranks ({comm.name}), {cfg.batch_size // comm.size} images each' if comm.size > 1 else ''}",
+              file=sys.stderr)
     try:
-        s = train(cfg, resume=resume, progress=not args.no_progress)
-    except TrainingDiverged as exc:
-        print(f"tinyvit train: {exc}", file=sys.stderr)
+        s = train(cfg, resume=resume, progress=not args.no_progress, comm=comm)
+    except (TrainingDiverged, DistributedError) as exc:  # raised on every rank alike: rank 0 says it once
+        if lead:
+            print(f"tinyvit train: {'error: ' if isinstance(exc, DistributedError) else ''}{exc}", file=sys.stderr)
         return 1
+    except Exception:
+        if comm.size == 1:
+            raise
+        import traceback
+
+        print(f"tinyvit train: rank {comm.rank} of {comm.size} failed; stopping every rank", file=sys.stderr)
+        traceback.print_exc()
+        comm.abort(1)
+        raise
+    if not lead:
+        return 130 if s["interrupted"] else 0
     state = "interrupted (Ctrl-C); resume with --resume " + s["checkpoint"] if s["interrupted"] else (
         "finished" if s["finished"] else "stopped")
     print(f"{state}: {s['steps']}/{s['total_steps']} steps in {s['seconds']:.1f} s "
           f"({s['images_per_s']:.0f} images/s), {s['params']:,} parameters")
+    if s["ranks"] > 1:
+        a = s["allreduce"]
+        print(f"data parallel: {s['ranks']} ranks; {a['bytes'] / max(a['steps'], 1) / 2**20:.2f} MiB all-reduced per step "
+              f"in {a['buckets'] / max(a['steps'], 1):.1f} buckets, {a['wait_s'] / max(a['steps'], 1) * 1e3:.2f} ms "
+              f"per step waiting for it ({'overlapped with' if cfg.overlap else 'after'} the backward); "
+              + ("the weights are identical on every rank" if s["ranks_agree"] else
+                 "WARNING: the ranks' weights differ (the all-reduce gave different sums on different ranks)"))
     print(f"test accuracy: {s['test_acc'] * 100:.2f}% on {s['test_images']} held-out images")
     if s["skipped_steps"]:
         print(f"skipped non-finite steps: {s['skipped_steps']}")
@@ -488,4 +609,9 @@ def register(subparsers) -> None:
     g.add_argument("--blas-threads", type=int, default=d.blas_threads,
                    help="BLAS threads (default 1: faster for these small matrices; 0: the BLAS default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("data parallel (mpiexec -n K python -m tinyvit train ...; README: Data parallel)")
+    g.add_argument("--bucket-mb", type=float, default=d.bucket_mb,
+                   help="send a bucket of gradients once it holds this many MiB (0: one per block)")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="all-reduce only after the whole backward (the baseline)")
     p.set_defaults(func=run_train)
