@@ -1,5 +1,8 @@
 """The fused kernels of tinyvit.layers.kernels equal the plain reference layers they replace.
 
+Every CPU test runs twice: on the numba loops (the default where numba is installed) and on the
+NumPy-block GELU (``TINYVIT_NUMBA=0``, what a machine without numba runs).
+
 Tolerances: float32 against the float64 reference, |fast - ref| / (1 + |ref|) <= 2e-6 forward and
 1e-5 backward: the bounds the plain float32 formula itself meets (its tanh backward is off by
 4e-6); A&S 7.1.26 erf is within 1.5e-7 absolute.
@@ -11,6 +14,14 @@ from tinyvit.layers import gelu, kernels
 from tinyvit.backend import cupy_available
 
 TOL = {"forward": 2e-6, "backward": 1e-5}
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def cpu_path(request, monkeypatch):
+    monkeypatch.setenv("TINYVIT_NUMBA", "1" if request.param == "numba" else "0")
+    if kernels.path() != request.param:
+        pytest.skip(f"the {request.param} path cannot run here: {kernels.describe()}")
+    return request.param
 
 
 def _close(fast, ref, what):

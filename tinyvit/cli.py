@@ -20,7 +20,7 @@ COMMAND_MODULES = (
 
 
 def run_info(args) -> int:
-    """``tinyvit info``: versions and which backends can run here."""
+    """``tinyvit info``: versions, which backends can run here, and which CPU kernels float32 layers run."""
     import einops
     import numpy
     import scipy
@@ -32,6 +32,9 @@ def run_info(args) -> int:
     print(f"numpy {numpy.__version__}, scipy {scipy.__version__}, einops {einops.__version__}")
     ok, why = cupy_available()
     print("backends: numpy" + (", cupy" if ok else f" (cupy unavailable: {why})"))
+    from .layers import kernels
+
+    print(f"CPU kernels (float32): {kernels.path()}: {kernels.describe()}")
     return 0
 
 

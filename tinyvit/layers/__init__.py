@@ -7,7 +7,8 @@ Read them in the order the data flows (each file's docstring gives the derivatio
 - ``linear.py``       ``y = x W^T + b``, the contract every layer keeps
 - ``tokens.py``       class/distillation tokens, learned and sin-cos position embeddings
 - ``layernorm.py``    LayerNorm over the last axis
-- ``gelu.py``         GELU, exact (erf) and tanh; ``kernels.py`` holds its fast float32 kernel
+- ``gelu.py``         GELU, exact (erf) and tanh; ``kernels.py`` picks the fast float32 versions of GELU,
+                      LayerNorm and softmax (``kernels_numba.py``: compiled CPU loops)
 - ``dropout.py``      dropout and drop path (stochastic depth)
 - ``attention.py``    softmax and multi-head self-attention
 - ``mlp.py``          fc1 -> GELU -> dropout -> fc2 -> dropout

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from . import kernels
 from ..backend import array_module
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .linear import LinearCache, linear_backward, linear_forward
@@ -45,7 +46,13 @@ class SoftmaxCache(NamedTuple):
 
 
 def softmax_forward(x):
-    """``x: (..., N) -> out: (..., N)``, rows sum to 1; max-subtracted so exp never overflows."""
+    """``x: (..., N) -> out: (..., N)``, rows sum to 1; max-subtracted so exp never overflows.
+
+    float32 NumPy runs the compiled loop of :mod:`tinyvit.layers.kernels`; otherwise the formula below.
+    """
+    out = kernels.softmax_forward(x)
+    if out is not None:
+        return out, SoftmaxCache(out)
     xp = array_module(x)
     out = x - x.max(axis=-1, keepdims=True)  # (..., N): shifted, max 0; then exp and normalise in place
     xp.exp(out, out=out)
@@ -56,6 +63,9 @@ def softmax_forward(x):
 def softmax_backward(dout, cache: SoftmaxCache):
     """``dout: (..., N) -> dx: (..., N)``: ``s * (dout - sum(dout * s))`` row by row."""
     s = cache.out
+    dx = kernels.softmax_backward(dout, s)
+    if dx is not None:
+        return dx
     xp = array_module(s)
     dot = xp.einsum("...j,...j->...", dout, s)[..., None]  # (..., 1): sum(dout * s), without an (..., N) temporary
     dx = dout - dot  # (..., N)

@@ -1,31 +1,40 @@
-"""Faster versions of the elementwise layers whose plain NumPy form is slow, one per backend.
+"""Faster versions of the elementwise layers whose plain array-module form is slow, one per backend.
 
 The layers keep their plain formula as the readable reference (``gelu_reference_forward``
-in ``gelu.py`` ...); this module only makes the same numbers cheaper, and the tests
-(``tests/test_bench_kernels.py``) prove each fast version equal to its reference.
+in ``gelu.py``, the bodies of ``layernorm_forward``/``softmax_forward`` ...); this module only
+makes the same numbers cheaper, and the tests (``tests/test_bench_kernels.py``,
+``tests/test_kernels_numba.py``) prove each fast version equal to its reference.
 
-Why GELU: the exact GELU needs ``erf``, and NumPy has none. ``scipy.special.erf`` runs a
+Which version runs is decided here, in :func:`path` (``tinyvit info`` prints it), for float32
+only (float64 always runs the references):
+
+- ``numba``: a float32 NumPy array, with numba installed (a default dependency). GELU,
+  LayerNorm and softmax, forward and backward, are loops compiled by numba
+  (:mod:`tinyvit.layers.kernels_numba`): one pass over memory per layer, SIMD, with a
+  polynomial ``exp``/``erf``; shared out over the thread pool below.
+- ``numpy``: a float32 NumPy array without numba (or ``TINYVIT_NUMBA=0``): GELU from NumPy's
+  SIMD ufuncs, block by block (below); LayerNorm and softmax run their references.
+- ``cupy``: CuPy arrays get CuPy's own ``ElementwiseKernel`` for GELU (CUDA's ``erff``/``tanhf``);
+  LayerNorm and softmax run their (CuPy) references. A CuPy array never reaches numba.
+- ``reference``: ``TINYVIT_FUSED=0``, float64, or any other array type (the tests' strict arrays).
+
+The NumPy-block GELU: the exact GELU needs ``erf``, and NumPy has none. ``scipy.special.erf`` runs a
 scalar double-precision routine per element (about 20 ns), which made the exact GELU
-about 40% of a plain NumPy block forward. The CPU path here evaluates erf with the
+about 40% of a plain NumPy block forward. This path evaluates erf with the
 Abramowitz-Stegun formula 7.1.26, the same one PyTorch's vectorised CPU GELU uses::
 
     t = 1 / (1 + p |z|)
     erf(|z|) = 1 - (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-z^2),   |error| < 1.5e-7
 
 which is below float32's resolution, out of NumPy's SIMD ufuncs (``exp``, ``reciprocal``,
-multiply-adds), in place, block by block so every pass stays in the L2 cache. It is
-used for float32 only: float64 keeps the exact ``erf``. On CuPy the same layers are one
-``ElementwiseKernel`` each (CUDA's own ``erff``/``tanhf``).
+multiply-adds), in place, block by block so every pass stays in the L2 cache.
 
-The blocks are shared out over a small thread pool (NumPy's ufuncs release the GIL), as
-PyTorch runs its elementwise kernels on its intra-op threads; ``TINYVIT_THREADS`` sets
-how many (default: the cores this process may use, at most 8).
+The work is shared out over a small thread pool (numba's loops and NumPy's ufuncs release the
+GIL; the pool's idle threads sleep, so they never spin against OpenBLAS's), as PyTorch runs its
+elementwise kernels on its intra-op threads; ``TINYVIT_THREADS`` sets how many (default: the
+cores this process may use, at most 8).
 
-Set ``TINYVIT_FUSED=0`` to run the plain references everywhere (the benchmarks do, to
-time both).
-
-Every function returns ``None`` when it has no fast path for its input (float64, an
-array namespace other than NumPy or CuPy, or ``TINYVIT_FUSED=0``); the caller then runs
+Every function returns ``None`` when it has no fast path for its input; the caller then runs
 the reference.
 """
 from __future__ import annotations
@@ -53,16 +62,83 @@ def enabled() -> bool:
     return os.environ.get("TINYVIT_FUSED", "1") != "0"
 
 
-def _kind(x):
-    """``"numpy"``/``"cupy"`` when a fast path exists for ``x``, else None."""
-    if not enabled() or x.dtype != np.float32:
+NUMBA_ERROR = None  # why numba cannot be used here (not installed, failed to import), or None
+
+
+@functools.lru_cache(maxsize=None)
+def _import_numba_loops():
+    global NUMBA_ERROR
+    try:
+        from . import kernels_numba
+    except Exception as exc:  # ImportError, or a numba/llvmlite that fails to load on this machine
+        NUMBA_ERROR = f"{type(exc).__name__}: {exc}"
         return None
-    xp = array_module(x)
+    return kernels_numba
+
+
+def _numba_loops():
+    """The compiled loops (:mod:`kernels_numba`), or None without numba or with ``TINYVIT_NUMBA=0``."""
+    if os.environ.get("TINYVIT_NUMBA", "1") == "0":
+        return None
+    return _import_numba_loops()
+
+
+def path(xp=np, dtype="float32") -> str:
+    """The one place that picks a version: ``"numba"``, ``"numpy"``, ``"cupy"`` or ``"reference"``.
+
+    For arrays of module ``xp`` and ``dtype`` (see the module docstring for what each runs).
+    """
+    if not enabled() or np.dtype(dtype) != np.float32:
+        return "reference"
     if xp is np:
-        return "numpy"
+        return "numba" if _numba_loops() is not None else "numpy"
+    if getattr(xp, "__name__", "") == "cupy":
+        return "cupy"
+    return "reference"
+
+
+def describe() -> str:
+    """One line for ``tinyvit info``: which CPU path float32 GELU/LayerNorm/softmax take, and why."""
+    kind = path()
+    if kind == "numba":
+        loops = _numba_loops()
+        import numba
+
+        cache = f"compiled code cached in {cache_dir()}" if loops.CACHE_ERROR is None else \
+            f"compiled code not cached ({loops.CACHE_ERROR})"
+        return (f"numba {numba.__version__} loops for GELU, LayerNorm, softmax (forward and backward), "
+                f"{threads()} threads; {cache}")
+    why = {"reference": "TINYVIT_FUSED=0: the plain array-module formulas",
+           "numpy": "NumPy-block GELU; LayerNorm and softmax plain formulas ("
+                    + ("TINYVIT_NUMBA=0" if os.environ.get("TINYVIT_NUMBA", "1") == "0" else
+                       f"numba unavailable: {NUMBA_ERROR}; pip install numba") + ")"}
+    return why[kind]
+
+
+def cache_dir() -> str | None:
+    """Where numba keeps the compiled loops (None when not cached, or numba is not in use)."""
+    loops = _numba_loops()
+    if loops is None or loops.CACHE_ERROR is not None:
+        return None
+    return loops.gelu_erf.stats.cache_path
+
+
+def _kind(x):
+    """``"numba"``/``"numpy"``/``"cupy"`` when a fast path exists for ``x``, else None."""
+    if not enabled() or getattr(x, "dtype", None) != np.float32:
+        return None
+    if isinstance(x, np.ndarray):
+        return path(np)
+    xp = array_module(x)
     if xp.__name__ == "cupy":
         return "cupy"
     return None
+
+
+def _kind_all(*arrays):
+    """The common kind of several arrays: ``_kind`` of each, None unless all agree."""
+    kinds = {_kind(a) for a in arrays}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _blocks(*arrays):
@@ -109,6 +185,22 @@ def _for_blocks(blocks, work) -> None:
         future.result()
 
 
+MIN_ELEMENTS = 1 << 15  # the least work worth a thread of its own: ~10 us of GELU (a hand-off costs ~20 us)
+
+
+def _share(loop, args, total: int, min_per_part: int) -> None:
+    """Run ``loop(*args, lo, hi)`` over ``[0, total)`` split in contiguous parts, one per thread.
+
+    The calling thread runs the first part itself; the pool's threads the others.
+    """
+    n = max(1, min(threads(), total // max(min_per_part, 1)))
+    bounds = [total * i // n for i in range(n + 1)]
+    futures = [_pool(n - 1).submit(loop, *args, bounds[i], bounds[i + 1]) for i in range(1, n)] if n > 1 else []
+    loop(*args, bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
 def _erfc_abs_times(x, t, e, out):
     """``out = erfc(|x| / sqrt 2)`` (A&S 7.1.26), leaving ``e = exp(-x^2 / 2)``; ``t`` is scratch."""
     np.abs(x, out=t)
@@ -136,6 +228,12 @@ def gelu_forward(x, approximate: str):
     kind = _kind(x)
     if kind == "cupy":
         return _cupy_kernels(array_module(x))[f"gelu_{approximate}"](x)
+    if kind == "numba":
+        loops = _numba_loops()
+        xf = np.ascontiguousarray(x).reshape(-1)
+        out = np.empty_like(xf)
+        _share(loops.gelu_erf if approximate == "none" else loops.gelu_tanh, (xf, out), xf.size, MIN_ELEMENTS)
+        return out.reshape(x.shape)
     if kind is None:
         return None
     (xf,), blocks = _blocks(x)
@@ -169,11 +267,16 @@ def gelu_forward(x, approximate: str):
 
 def gelu_backward(dout, x, approximate: str):
     """``dout, x: (...) -> dx = dout * gelu'(x)``, float32, or None if there is no fast path."""
-    kind = _kind(x)
-    if kind is not None and dout.dtype != np.float32:
-        kind = None
+    kind = _kind_all(x, dout)
     if kind == "cupy":
         return _cupy_kernels(array_module(x))[f"gelu_{approximate}_backward"](dout, x)
+    if kind == "numba":
+        loops = _numba_loops()
+        xf, df = np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(dout).reshape(-1)
+        dx = np.empty_like(xf)
+        _share(loops.gelu_erf_grad if approximate == "none" else loops.gelu_tanh_grad, (df, xf, dx), xf.size,
+               MIN_ELEMENTS)
+        return dx.reshape(x.shape)
     if kind is None:
         return None
     (xf, df), blocks = _blocks(x, dout)
@@ -215,6 +318,82 @@ def _gelu_backward_blocks(part, xf, df, out, t, e, approximate):
             o += 1.0
             o *= 0.5
         o *= ds
+
+
+# ---------------------------------------------------------------- LayerNorm
+def layernorm_forward(x, w, b, eps: float):
+    """``x: (..., D), w: (D,), b: (D,) -> (out (..., D), x_hat (..., D), rstd (..., 1))``, float32,
+    the values ``layernorm.layernorm_forward`` computes and caches; None if there is no fast path."""
+    if _kind_all(x, w, b) != "numba":
+        return None
+    loops = _numba_loops()
+    dim = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, dim)  # (M, D)
+    out, x_hat = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], np.float32)  # (M,)
+    _share(loops.layernorm_rows, (x2, np.ascontiguousarray(w), np.ascontiguousarray(b), np.float32(eps), out,
+                                  x_hat, rstd), x2.shape[0], max(1, MIN_ELEMENTS // max(dim, 1)))
+    shape = x.shape
+    return out.reshape(shape), x_hat.reshape(shape), rstd.reshape(*shape[:-1], 1)
+
+
+def layernorm_backward(dout, x_hat, rstd, w):
+    """``dout: (..., D)`` and the forward's ``x_hat, rstd (..., 1), w`` -> ``dx (..., D), dw (D,), db (D,)``
+    (float32), or None if there is no fast path."""
+    if _kind_all(dout, x_hat, rstd, w) != "numba":
+        return None
+    loops = _numba_loops()
+    dim = x_hat.shape[-1]
+    d2 = np.ascontiguousarray(dout).reshape(-1, dim)  # (M, D)
+    h2 = np.ascontiguousarray(x_hat).reshape(-1, dim)
+    r1 = np.ascontiguousarray(rstd).reshape(-1)  # (M,)
+    groups = -(-d2.shape[0] // loops.LN_GROUP)
+    dx = np.empty_like(d2)
+    dw_parts = np.empty((groups, dim), np.float32)  # one partial sum per group of rows:
+    db_parts = np.empty((groups, dim), np.float32)  # the same sums whatever the thread count
+    _share(loops.layernorm_rows_grad, (d2, h2, r1, np.ascontiguousarray(w), dx, dw_parts, db_parts), groups,
+           max(1, MIN_ELEMENTS // max(dim * loops.LN_GROUP, 1)))
+    return dx.reshape(x_hat.shape), dw_parts.sum(axis=0), db_parts.sum(axis=0)
+
+
+# ---------------------------------------------------------------- softmax
+def softmax_forward(x):
+    """``x: (..., N) -> softmax over the last axis (..., N)``, float32, or None if there is no fast path."""
+    if _kind(x) != "numba":
+        return None
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, N)
+    out = np.empty_like(x2)
+    _share(_numba_loops().softmax_rows, (x2, out), x2.shape[0], max(1, MIN_ELEMENTS // max(x2.shape[1], 1)))
+    return out.reshape(x.shape)
+
+
+def softmax_backward(dout, s):
+    """``dout, s: (..., N) -> dx = s (dout - sum(dout s))`` row by row, float32, or None if there is no fast path."""
+    if _kind_all(dout, s) != "numba":
+        return None
+    n = s.shape[-1]
+    d2, s2 = np.ascontiguousarray(dout).reshape(-1, n), np.ascontiguousarray(s).reshape(-1, n)
+    dx = np.empty_like(s2)
+    _share(_numba_loops().softmax_rows_grad, (d2, s2, dx), s2.shape[0], max(1, MIN_ELEMENTS // max(n, 1)))
+    return dx.reshape(s.shape)
+
+
+def compile_all() -> float:
+    """Compile (or load from the cache) every numba loop now; the seconds it took (0.0 without numba)."""
+    import time
+
+    if _numba_loops() is None:
+        return 0.0
+    start = time.perf_counter()
+    x = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)
+    w = np.ones(4, np.float32)
+    for approximate in ("none", "tanh"):
+        gelu_backward(x, x, approximate)
+        gelu_forward(x, approximate)
+    _, x_hat, rstd = layernorm_forward(x, w, w, 1e-6)
+    layernorm_backward(x, x_hat, rstd, w)
+    softmax_backward(x, softmax_forward(x))
+    return time.perf_counter() - start
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from . import kernels
 from ..backend import array_module
 
 
@@ -33,7 +34,15 @@ class LayerNormCache(NamedTuple):
 
 
 def layernorm_forward(x, w, b, eps: float):
-    """``x: (..., D), w: (D,), b: (D,) -> out: (..., D)``; cache: x_hat (..., D), rstd (..., 1), w."""
+    """``x: (..., D), w: (D,), b: (D,) -> out: (..., D)``; cache: x_hat (..., D), rstd (..., 1), w.
+
+    float32 NumPy runs the compiled loop of :mod:`tinyvit.layers.kernels` (the same numbers within
+    float32 rounding, ``tests/test_kernels_numba.py``); otherwise the formula below, the reference.
+    """
+    fast = kernels.layernorm_forward(x, w, b, eps)
+    if fast is not None:
+        out, x_hat, rstd = fast
+        return out, LayerNormCache(x_hat, rstd, w)
     xp = array_module(x)
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     centered = x - mean  # (..., D)
@@ -47,8 +56,11 @@ def layernorm_forward(x, w, b, eps: float):
 
 
 def layernorm_backward(dout, cache: LayerNormCache):
-    """``dout: (..., D) -> dx: (..., D), dw: (D,), db: (D,)``."""
+    """``dout: (..., D) -> dx: (..., D), dw: (D,), db: (D,)``; the compiled loop for float32 NumPy, else below."""
     x_hat, rstd, w = cache
+    fast = kernels.layernorm_backward(dout, x_hat, rstd, w)
+    if fast is not None:
+        return fast
     xp = array_module(x_hat)
     dim = x_hat.shape[-1]
     dout_2d = dout.reshape(-1, dim)  # (M, D)
