@@ -359,34 +359,64 @@ def _cross_entropy(soft):
     return build
 
 
-def _model(backend, dtype):
-    """The whole ViT (pre-norm, class token, learned positions), every parameter an argument."""
-    from ..model import VisionTransformer
+def _model(variant):
+    """The whole ViT, every parameter an argument (the images too), directional by default.
 
-    config = dict(image_size=8, patch_size=4, num_classes=5, dim=D, depth=2, heads=NH, mlp_dim=F, channels=3,
-                  norm_first=True, pool="cls", backend=backend, seed=0)
-    models = {d: VisionTransformer(**config, dtype=d) for d in {dtype, "float64"}}
-    keys = list(models[dtype].params)
-    r = _rand(backend, dtype, 17)
-    # trained weights are not 0.02-scale: larger ones make every path of the gradient count
-    params = [r(*models[dtype].params[k].shape, scale=0.5,
-                shift=1.0 if "norm" in k and k.endswith("weight") else 0.0) for k in keys]
+    ``"prenorm"``: timm's layout (pre-norm, class token, learned positions, plain attention),
+    with PyTorch's version beside it (``tinyvit.benchmark.torch_ref``). ``"variants"``: the other
+    paths: post-norm, mean pooling into fc_norm, flash attention (2x2 tiles), learned 2D RoPE
+    (rope_mixed), tanh GELU, and training-mode dropout, attention dropout and drop path with fixed
+    masks (so the forward is a function). ``"distilled"``: DeiT's distillation token and second
+    head, a fixed 2D sin-cos table, no qkv bias, dropout masks. No PyTorch twin for the last two
+    here (tests/test_model_twin.py has one).
+    """
+    def build(backend, dtype):
+        from ..model import VisionTransformer
 
-    def forward(x, *values):
-        model = models[np.dtype(x.dtype).name]
-        model.params = dict(zip(keys, values))
-        return model.forward(x), model
+        config = dict(image_size=8, patch_size=4, num_classes=5, dim=D, depth=2, heads=NH, mlp_dim=F, channels=3,
+                      backend=backend, seed=0)
+        if variant == "variants":
+            config.update(norm_first=False, pool="mean", attn_impl="flash", attn_block=2, pos_embed="rope_mixed",
+                          gelu="tanh", dropout=0.1, emb_dropout=0.1, attn_dropout=0.1, drop_path_rate=0.2)
+        elif variant == "distilled":
+            config.update(distilled=True, pos_embed="sincos2d", qkv_bias=False, dropout=0.1, attn_dropout=0.1,
+                          drop_path_rate=0.2)
+        models = {d: VisionTransformer(**config, dtype=d) for d in {dtype, "float64"}}
+        model = models[dtype]
+        keys = list(model.params)
+        r = _rand(backend, dtype, 17)
+        # trained weights are not 0.02-scale: larger ones make every path of the gradient count
+        params = [r(*model.params[k].shape, scale=0.5, shift=1.0 if "norm" in k and k.endswith("weight") else 0.0)
+                  for k in keys]
+        c = model.config
+        tokens = c.num_tokens
+        masks = {"emb": r.mask(B, tokens, D, keep=0.9)}
+        for i in range(c.depth):
+            masks[f"blocks.{i}"] = BlockMasks(
+                attn=r.mask(B, NH, tokens, tokens, keep=0.9), proj=r.mask(B, tokens, D, keep=0.9),
+                mlp_hidden=r.mask(B, tokens, F, keep=0.9), mlp_out=r.mask(B, tokens, D, keep=0.9),
+                path1=backend.asarray(np.array([True, i == 0]).reshape(B, 1, 1)),
+                path2=backend.asarray(np.array([i == 1, True]).reshape(B, 1, 1)))
+        train = variant != "prenorm"
 
-    def backward(dlogits, model):
-        dx = model.backward(dlogits)
-        return (dx, *(model.grads[k] for k in keys))
+        def forward(x, *values):
+            m = models[np.dtype(x.dtype).name]
+            m.params = dict(zip(keys, values))
+            return m.forward(x, train=train, masks=masks if train else None), m
 
-    def torch_forward(x, *values):
-        from ..benchmark.torch_ref import vit_forward
-        return vit_forward(x, dict(zip(keys, values)), models[dtype].config, _torch())
+        def backward(dlogits, m):
+            dx = m.backward(dlogits)
+            return (dx, *(m.grads[k] for k in keys))
 
-    return dict(forward=forward, backward=backward, args=[r(B, 3, 8, 8)] + params, names=["images"] + keys,
-                torch_forward=torch_forward)
+        spec = dict(forward=forward, backward=backward, args=[r(B, 3, 8, 8)] + params, names=["images"] + keys)
+        if variant == "prenorm":
+            def torch_forward(x, *values):
+                from ..benchmark.torch_ref import vit_forward
+                return vit_forward(x, dict(zip(keys, values)), c, _torch())
+
+            spec["torch_forward"] = torch_forward
+        return spec
+    return build
 
 
 CASES = [
@@ -421,7 +451,11 @@ CASES = [
     Case("cross_entropy", _cross_entropy(False), ("loss.cross_entropy_backward",), about="class indices, smoothing 0.1"),
     Case("cross_entropy_soft", _cross_entropy(True), ("loss.cross_entropy_backward",),
          about="soft targets, smoothing 0.1"),
-    Case("model", _model, (), mode="directional", about="the whole ViT, 2 blocks, every parameter"),
+    Case("model", _model("prenorm"), (), mode="directional", about="the whole ViT (timm's layout), every parameter"),
+    Case("model_variants", _model("variants"), (), mode="directional",
+         about="post-norm, mean pool, flash, RoPE, dropout masks"),
+    Case("model_distilled", _model("distilled"), (), mode="directional",
+         about="DeiT: distillation token and head, sin-cos table, no qkv bias"),
 ]
 
 
