@@ -197,6 +197,30 @@ def _gelu(approximate, kernel=False):
     return build
 
 
+def _layernorm_kernel(backend, dtype):
+    """The compiled float32 LayerNorm backward (numba), fed by the layer's own float32 forward."""
+    spec = _layernorm(backend, dtype)
+    x, w, _ = spec["args"]
+    if kernels.layernorm_backward(x, x, x[..., :1], w) is None:
+        raise Skip(f"no compiled float32 LayerNorm kernel here (path: {kernels.path(backend.xp, dtype)}; "
+                   f"it needs numba on NumPy)")
+
+    def backward(dout, cache):
+        return kernels.layernorm_backward(dout, cache.x_hat, cache.rstd, cache.w)
+
+    return dict(spec, backward=backward)
+
+
+def _softmax_kernel(backend, dtype):
+    """The compiled float32 softmax backward (numba)."""
+    spec = _softmax(backend, dtype)
+    x = spec["args"][0]
+    if kernels.softmax_backward(x, x) is None:
+        raise Skip(f"no compiled float32 softmax kernel here (path: {kernels.path(backend.xp, dtype)}; "
+                   f"it needs numba on NumPy)")
+    return dict(spec, backward=lambda dout, cache: kernels.softmax_backward(dout, cache.out))
+
+
 def _dropout(backend, dtype):
     r = _rand(backend, dtype, 8)
     mask = r.mask(B, N, D, keep=0.7)
@@ -433,6 +457,10 @@ CASES = [
          about="the fused float32 kernel, exact"),
     Case("gelu_tanh_kernel", _gelu("tanh", kernel=True), ("kernels.gelu_backward",), dtype="float32",
          about="the fused float32 kernel, tanh"),
+    Case("layernorm_kernel", _layernorm_kernel, ("kernels.layernorm_backward",), dtype="float32",
+         about="the compiled float32 LayerNorm"),
+    Case("softmax_kernel", _softmax_kernel, ("kernels.softmax_backward",), dtype="float32",
+         about="the compiled float32 softmax"),
     Case("dropout", _dropout, ("dropout.dropout_backward",), about="fixed keep-mask, p 0.3"),
     Case("drop_path", _drop_path, ("dropout.drop_path_backward",), about="fixed per-sample mask, p 0.25"),
     Case("softmax", _softmax, ("attention.softmax_backward",)),
