@@ -52,6 +52,7 @@ ELEMENTWISE_FLOPS = {
     "layernorm": (8, 12),
     "gelu": (8, 12),
     "softmax": (5, 4),
+    "rope": (3, 6),  # per element of q or k: a c - b s (fwd); the turn back, and dtheta = db out_a - da out_b (bwd)
 }
 
 

@@ -22,9 +22,11 @@ from ..layers.layernorm import layernorm_backward, layernorm_forward
 from ..layers.linear import linear_backward, linear_forward
 from ..layers.mlp import mlp_backward, mlp_forward
 from ..layers.patch_embed import patch_embed_backward, patch_embed_forward
+from ..layers.rope import rope_angles_forward, rope_backward, rope_forward, rope_mixed_freqs, rope_positions
 from . import timing, torch_ref
 
-LAYERS = ("patch_embed", "linear", "layernorm", "gelu", "gelu_tanh", "softmax", "attention", "mlp", "block")
+LAYERS = ("patch_embed", "linear", "layernorm", "gelu", "gelu_tanh", "softmax", "attention", "rope", "attention_rope",
+          "mlp", "block")
 
 # (rows compared) tolerance of tinyvit float32 vs PyTorch float32, max|a-b| / max|b|
 TOL = {"float32": 1e-4, "float64": 1e-10}
@@ -70,6 +72,12 @@ def attention_scores_einsum(q, k, scale):
 def _rng_arrays(seed, *shapes, dtype):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def _rope_angles(heads, grid, head_size, dtype):
+    """RoPE-Mixed angles at their initial frequencies, ``(NH, Np, hs/2)`` (block 0 of a fresh model)."""
+    freqs = rope_mixed_freqs(head_size, heads, 1, 10.0, np.random.default_rng(2))[:, 0]  # (2, NH, hs/2)
+    return rope_angles_forward(freqs, rope_positions(grid, grid))[0].astype(dtype)
 
 
 def _block_params(dim, hidden, dtype, seed=1):
@@ -123,12 +131,23 @@ class Case:
             self.inputs, self.out_shape = {"x": x * 3.0}, (b, nh, n, n)
             self.shape = f"({b}, {nh}, {n}, {n})"
             fl = flops.elementwise_flops("softmax", b * nh * n * n)
-        elif layer in ("attention", "mlp", "block"):
+        elif layer == "rope":  # turning one of q, k: (B, NH, N, hs), RoPE-Mixed's per-head angles
+            hs = d // nh
+            (x,) = _rng_arrays(0, (b, nh, n, hs), dtype=dtype)
+            self.inputs = {"x": x, "angles": _rope_angles(nh, img // p_size, hs, dtype)}
+            self.out_shape = (b, nh, n, hs)
+            self.shape = f"({b}, {nh}, {n}, {hs}), angles ({nh}, {n - 1}, {hs // 2})"
+            fl = flops.elementwise_flops("rope", b * nh * (n - 1) * hs)
+        elif layer in ("attention", "attention_rope", "mlp", "block"):
             (x,) = _rng_arrays(0, (b, n, d), dtype=dtype)
             self.inputs, self.out_shape = {"x": x}, (b, n, d)
             self.params = _block_params(d, f, dtype)
             self.shape = f"({b}, {n}, {d}), NH={nh}, F={f}"
-            fl = {"attention": flops.attention_flops(b, n, d), "mlp": flops.mlp_flops(b, n, d, f),
+            if layer == "attention_rope":  # attention with q and k turned (pos_embed="rope_mixed")
+                self.params["angles"] = _rope_angles(nh, img // p_size, d // nh, dtype)
+                self.shape = f"({b}, {n}, {d}), NH={nh}, RoPE-Mixed"
+            a, r = flops.attention_flops(b, n, d), flops.elementwise_flops("rope", 2 * b * n * d)
+            fl = {"attention": a, "attention_rope": (a[0] + r[0], a[1] + r[1]), "mlp": flops.mlp_flops(b, n, d, f),
                   "block": flops.block_flops(b, n, d, f)}[layer]
         else:
             raise ValueError(f"unknown layer {layer!r}; layers: {LAYERS}")
@@ -181,6 +200,14 @@ class Case:
                 fwd = lambda: attention_forward(a["x"], p["attn.qkv.weight"], p["attn.qkv.bias"],  # noqa: E731
                                                 p["attn.proj.weight"], p["attn.proj.bias"], heads)
                 bwd = lambda c: attention_backward(dout, c)[0]  # noqa: E731
+        elif layer == "rope":
+            fwd = lambda: rope_forward(a["x"], a["angles"], 1)  # noqa: E731
+            bwd = lambda c: rope_backward(dout, c)[0]  # noqa: E731
+        elif layer == "attention_rope":
+            fwd = lambda: attention_forward(a["x"], p["attn.qkv.weight"], p["attn.qkv.bias"],  # noqa: E731
+                                            p["attn.proj.weight"], p["attn.proj.bias"], heads,
+                                            rope_angles=p["angles"], num_prefix=1)
+            bwd = lambda c: attention_backward(dout, c)[0]  # noqa: E731
         elif layer == "mlp":
             fwd = lambda: mlp_forward(a["x"], p["mlp.fc1.weight"], p["mlp.fc1.bias"], p["mlp.fc2.weight"],  # noqa: E731
                                       p["mlp.fc2.bias"])
@@ -214,6 +241,10 @@ class Case:
             f = lambda: t["x"].softmax(dim=-1)  # noqa: E731
         elif layer == "attention":
             f = lambda: torch_ref.attention(t["x"], p, "", heads, torch)  # noqa: E731
+        elif layer == "rope":
+            f = lambda: torch_ref.rope(t["x"], t["angles"], 1, torch)  # noqa: E731
+        elif layer == "attention_rope":
+            f = lambda: torch_ref.attention(t["x"], p, "", heads, torch, rope_angles=p["angles"])  # noqa: E731
         elif layer == "mlp":
             f = lambda: torch_ref.mlp(t["x"], p, "", "none", torch)  # noqa: E731
         else:

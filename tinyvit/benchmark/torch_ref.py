@@ -27,13 +27,25 @@ def torch_params(state_dict: dict, torch, device="cpu", dtype="float32") -> dict
             for k, v in state_dict.items()}
 
 
-def attention(x, p, prefix, heads, torch):
+def rope(x, angles, num_prefix, torch):
+    """2D RoPE in eager PyTorch: ``x (B, NH, N, hs)`` pairs turned by ``angles (NH or 1, N - T, hs/2)``
+    past the first ``num_prefix`` tokens (interleaved pairs, as tinyvit and the RoPE-ViT paper)."""
+    t = num_prefix
+    a, b = x[:, :, t:, 0::2], x[:, :, t:, 1::2]
+    c, s = torch.cos(angles), torch.sin(angles)
+    turned = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    return torch.cat([x[:, :, :t], turned], dim=2)
+
+
+def attention(x, p, prefix, heads, torch, rope_angles=None):
     F = torch.nn.functional
     batch, tokens, dim = x.shape
     hs = dim // heads
     qkv = F.linear(x, p[prefix + "attn.qkv.weight"], p.get(prefix + "attn.qkv.bias"))  # (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, hs).permute(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]
+    if rope_angles is not None:
+        q, k = rope(q, rope_angles, 1, torch), rope(k, rope_angles, 1, torch)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, NH, N, N)
     att = att.softmax(dim=-1)
     y = (att @ v).transpose(1, 2).reshape(batch, tokens, dim)  # (B, N, D)
