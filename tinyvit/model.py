@@ -36,6 +36,7 @@ from .layers.head import mean_pool_forward, pool_backward, token_pool_forward
 from .layers.layernorm import layernorm_backward, layernorm_forward
 from .layers.linear import linear_backward, linear_forward
 from .layers.patch_embed import patch_embed_backward, patch_embed_forward
+from .layers.precision import check_precision_supported
 from .layers.rope import (DEFAULT_THETA, ROPE_KINDS, rope_angles_backward, rope_angles_forward, rope_axial_freqs,
                           rope_mixed_freqs, rope_positions)
 from .layers.tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
@@ -287,19 +288,27 @@ class VisionTransformer:
 
     dtype policy: the model computes in its own dtype end to end; images of another
     float dtype are an error (cast them explicitly), never silently converted.
+
+    ``precision`` (``"fp32"`` default, ``"fp16"``, ``"bf16"``; also settable as an attribute):
+    mixed precision. The weights stay float32 (the master copy the optimiser updates); every
+    matrix product of forward and backward runs in fp16/bf16, everything else in float32
+    (layers/precision.py, docs/mixed_precision.md). fp16 training needs a loss scale
+    (tinyvit.training.amp.DynamicLossScaler).
     """
 
     def __init__(self, image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12,
                  mlp_dim=3072, channels=3, dropout=0.0, emb_dropout=0.0, norm_first=True, pool="cls",
                  layer_norm_eps=1e-6, backend=None, dtype="float32", seed=0, *, attn_dropout=0.0,
                  drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True,
-                 attn_impl="plain", attn_block=DEFAULT_BLOCK, rope_theta=None):
+                 attn_impl="plain", attn_block=DEFAULT_BLOCK, rope_theta=None,
+                 precision="fp32"):
         self.config = ViTConfig(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels,
                                 dropout, emb_dropout, attn_dropout, drop_path_rate, norm_first, pool,
                                 layer_norm_eps, gelu, pos_embed, distilled, qkv_bias, attn_impl=attn_impl,
                                 attn_block=attn_block, rope_theta=rope_theta)
         self.backend: Backend = get_backend(backend)
         self.dtype = check_dtype_name(dtype)
+        self.precision = precision
         _check_int("seed", seed, minimum=0)
         self.params = {k: self.backend.asarray(v, dtype=self.dtype) for k, v in init_params(self.config, seed).items()}
         self.grads: dict = {}
@@ -319,6 +328,19 @@ class VisionTransformer:
         self._cache: ForwardCache | None = None
         self.labels: list | None = None  # class names, when known (a trained or loaded model's)
         self.preprocessing = None  # how images become its input (tinyvit.pretrained.preprocess.Preprocessing)
+
+    @property
+    def precision(self) -> str:
+        """The matrix products' precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (weights stay float32)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value) -> None:
+        check_precision_supported(self.backend.xp, value, self.dtype)
+        if value != "fp32" and self.config.attn_impl != "plain":
+            raise ValueError(f"precision={value!r} rounds the products of attn_impl='plain'; this model uses "
+                             f"attn_impl={self.config.attn_impl!r}: build it with attn_impl='plain' for mixed precision")
+        self._precision = value
 
     @classmethod
     def from_config(cls, config: ViTConfig | dict, backend=None, dtype="float32", seed=0):
@@ -419,7 +441,9 @@ class VisionTransformer:
         masks = masks or {}
         batch = x.shape[0]
 
-        x, patch_cache = patch_embed_forward(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"])  # (B, Np, D)
+        lowp = self._precision
+        x, patch_cache = patch_embed_forward(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"],
+                                             lowp)  # (B, Np, D)
         prefix = [p["cls_token"]] + ([p["dist_token"]] if c.distilled else [])
         x, prefix_cache = prepend_tokens_forward(x, *prefix)  # (B, N, D)
         if c.pos_embed not in ROPE_KINDS:  # RoPE adds nothing here: it turns q and k inside attention
@@ -435,7 +459,8 @@ class VisionTransformer:
             x, block_cache = block_forward(
                 x, self._block_params(i), c.heads, c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
                 drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"), attn_impl=c.attn_impl,
-                attn_block=c.attn_block, rope_angles=angles, num_prefix=c.num_prefix_tokens)  # (B, N, D)
+                attn_block=c.attn_block, rope_angles=angles, num_prefix=c.num_prefix_tokens,
+                precision=lowp)  # (B, N, D)
             if keep_cache:
                 block_caches.append(block_cache)
 
@@ -448,7 +473,7 @@ class VisionTransformer:
             pooled, norm_cache = layernorm_forward(pooled, norm_w, norm_b, c.layer_norm_eps)
             pooled = [(pooled, pool_cache)]
         head_names = ("head", "head_dist")[: len(pooled)]
-        logits = [linear_forward(v, p[f"{h}.weight"], p[f"{h}.bias"]) for (v, _), h in zip(pooled, head_names)]
+        logits = [linear_forward(v, p[f"{h}.weight"], p[f"{h}.bias"], lowp) for (v, _), h in zip(pooled, head_names)]
 
         if keep_cache:
             self._cache = ForwardCache(batch, patch_cache, prefix_cache, emb_cache, block_caches, norm_cache,

@@ -39,6 +39,7 @@ from ..backend import array_module
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .rope import RopeCache, rope_backward, rope_forward
+from .precision import lowp_matmul
 
 
 class SoftmaxCache(NamedTuple):
@@ -86,35 +87,39 @@ class AttentionCache(NamedTuple):
     scale: float
     rope_q: RopeCache | None = None  # 2D RoPE on q and k (q and k above are the turned ones)
     rope_k: RopeCache | None = None
+    precision: str = "fp32"  # the products' precision (layers/precision.py); softmax stays float32
 
 
 def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: float = 0.0,
-                      train: bool = False, rng=None, attn_mask=None, rope_angles=None, num_prefix: int = 1):
+                      train: bool = False, rng=None, attn_mask=None, rope_angles=None, num_prefix: int = 1,
+                      precision: str = "fp32"):
     """Multi-head self-attention.
 
     ``x: (B, N, D), qkv_w: (3D, D), qkv_b: (3D,) | None, proj_w: (D, D), proj_b: (D,)
     -> out: (B, N, D)``; cache: q, k, v ``(B, NH, N, hs)``, att ``(B, NH, N, N)``, dropout mask.
     ``attn_mask`` injects the attention-dropout keep-mask ``(B, NH, N, N)``.
     ``rope_angles: (NH or 1, N - num_prefix, hs/2)`` turns q and k (2D RoPE) past the prefix tokens.
+    ``precision``: the four products (qkv, ``q k^T``, ``att v``, proj) in fp32 / fp16 / bf16; the softmax in float32.
     """
     batch, tokens, dim = x.shape
     head_size = dim // heads
     scale = 1.0 / math.sqrt(head_size)
-    qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)  # (B, N, D) @ (D, 3D) -> (B, N, 3D)
+    qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b, precision)  # (B, N, D) @ (D, 3D) -> (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, N, hs) each
     rope_q = rope_k = None
     if rope_angles is not None:
         q, rope_q = rope_forward(q, rope_angles, num_prefix)  # (B, NH, N, hs), turned by position
         k, rope_k = rope_forward(k, rope_angles, num_prefix)
-    scores = q @ k.swapaxes(-1, -2)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
+    scores = lowp_matmul(q, k.swapaxes(-1, -2), precision)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
     scores *= scale
     att, att_cache = softmax_forward(scores)  # (B, NH, N, N)
     att_d, drop_cache = dropout_forward(att, attn_drop, train, rng, attn_mask)  # (B, NH, N, N)
-    y = att_d @ v  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    y = lowp_matmul(att_d, v, precision)  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
     y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)  # (B, N, NH, hs) -> (B, N, D)
-    out, proj_cache = linear_forward(y, proj_w, proj_b)  # (B, N, D) @ (D, D) -> (B, N, D)
-    cache = AttentionCache(qkv_cache, q, k, v, att_cache, drop_cache, att_d, proj_cache, heads, scale, rope_q, rope_k)
+    out, proj_cache = linear_forward(y, proj_w, proj_b, precision)  # (B, N, D) @ (D, D) -> (B, N, D)
+    cache = AttentionCache(qkv_cache, q, k, v, att_cache, drop_cache, att_d, proj_cache, heads, scale, rope_q, rope_k,
+                           precision)
     return out, cache
 
 
@@ -123,13 +128,13 @@ def attention_backward(dout, cache: AttentionCache):
     and a sixth, ``drope_angles: (NH or 1, Np, hs/2)``, when the forward turned q and k (2D RoPE)."""
     xp = array_module(dout)
     batch, tokens, dim = dout.shape
-    heads, scale = cache.heads, cache.scale
+    heads, scale, precision = cache.heads, cache.scale, cache.precision
     head_size = dim // heads
     # out = y @ W_proj.T + b_proj
     dy, dproj_w, dproj_b = linear_backward(dout, cache.proj)  # (B, N, D)
     dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
     # y = att_d @ v
-    datt_d = dy @ cache.v.swapaxes(-1, -2)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
+    datt_d = lowp_matmul(dy, cache.v.swapaxes(-1, -2), precision)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
     # att_d = dropout(att); att = softmax(scores)
     datt = dropout_backward(datt_d, cache.att_dropout)
     dscores = softmax_backward(datt, cache.att)  # (B, NH, N, N)
@@ -138,12 +143,18 @@ def attention_backward(dout, cache: AttentionCache):
     # qkv.reshape(B, N, 3, NH, hs).transpose(2, 0, 3, 1, 4) undone
     dqkv = xp.empty((batch, tokens, 3, heads, head_size), dtype=dout.dtype)  # (B, N, 3, NH, hs)
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, NH, N, hs) views
-    xp.matmul(cache.att_d.swapaxes(-1, -2), dy, out=dv)  # dv = att_d^T @ dy: (B, NH, N, N) @ (B, NH, N, hs)
-    del dy
-    # scores = q @ k^T * scale
-    xp.matmul(dscores, cache.k, out=dq)  # dq = dscores @ k: (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+    if precision == "fp32":
+        xp.matmul(cache.att_d.swapaxes(-1, -2), dy, out=dv)  # dv = att_d^T @ dy: (B, NH, N, N) @ (B, NH, N, hs)
+        del dy
+        # scores = q @ k^T * scale
+        xp.matmul(dscores, cache.k, out=dq)  # dq = dscores @ k: (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+        xp.matmul(dscores.swapaxes(-1, -2), cache.q, out=dk)  # dk = dscores^T @ q -> (B, NH, N, hs)
+    else:  # the same three products in fp16 / bf16 (a rounded result cannot be written in place)
+        dv[...] = lowp_matmul(cache.att_d.swapaxes(-1, -2), dy, precision)
+        del dy
+        dq[...] = lowp_matmul(dscores, cache.k, precision)
+        dk[...] = lowp_matmul(dscores.swapaxes(-1, -2), cache.q, precision)
     dq *= scale
-    xp.matmul(dscores.swapaxes(-1, -2), cache.q, out=dk)  # dk = dscores^T @ q -> (B, NH, N, hs)
     dk *= scale
     del dscores
     drope = None

@@ -65,21 +65,27 @@ class BlockCache(NamedTuple):
 def block_forward(x, p: dict, heads: int, eps: float, norm_first: bool = True, dropout: float = 0.0,
                   attn_dropout: float = 0.0, drop_path: float = 0.0, approximate: str = "none",
                   train: bool = False, rng=None, masks: BlockMasks | None = None, attn_impl: str = "plain",
-                  attn_block: int = DEFAULT_BLOCK, rope_angles=None, num_prefix: int = 1):
+                  attn_block: int = DEFAULT_BLOCK, rope_angles=None, num_prefix: int = 1,
+                  precision: str = "fp32"):
     """``x: (B, N, D) -> out: (B, N, D)``; cache: the caches of the two norms, attention, MLP and masks.
 
     ``attn_impl``: ``"plain"`` (attention.py) or ``"flash"`` (flash_attention.py, tiles of ``attn_block``).
     ``rope_angles: (NH or 1, N - num_prefix, hs/2)`` turns the attention's q and k (2D RoPE, rope.py).
+    ``precision``: the matrix products of attention and MLP in fp32 / fp16 / bf16; the norms and
+    residual adds stay float32 (mixed precision, layers/precision.py; plain attention only).
     """
     m = masks or BlockMasks()
     attn_args = (p["attn.qkv.weight"], p["attn.qkv.bias"], p["attn.proj.weight"], p["attn.proj.bias"], heads)
 
     def attention_branch(a):  # (B, N, D) -> (B, N, D)
+        if attn_impl == "flash" and precision != "fp32":
+            raise ValueError(f"precision={precision!r} needs attn_impl='plain' (flash attention runs in float32)")
         if attn_impl == "flash":
             a, attn_cache = flash_attention_forward(a, *attn_args, attn_block, attn_dropout, train, rng, m.attn,
                                                     rope_angles, num_prefix)
         elif attn_impl == "plain":
-            a, attn_cache = attention_forward(a, *attn_args, attn_dropout, train, rng, m.attn, rope_angles, num_prefix)
+            a, attn_cache = attention_forward(a, *attn_args, attn_dropout, train, rng, m.attn, rope_angles, num_prefix,
+                                              precision=precision)
         else:
             raise ValueError(f"attn_impl must be 'plain' or 'flash', got {attn_impl!r}")
         a, proj_cache = dropout_forward(a, dropout, train, rng, m.proj)
@@ -88,7 +94,7 @@ def block_forward(x, p: dict, heads: int, eps: float, norm_first: bool = True, d
 
     def mlp_branch(h):  # (B, N, D) -> (B, N, D)
         h, mlp_cache = mlp_forward(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"], p["mlp.fc2.weight"], p["mlp.fc2.bias"],
-                                   dropout, train, rng, approximate, (m.mlp_hidden, m.mlp_out))
+                                   dropout, train, rng, approximate, (m.mlp_hidden, m.mlp_out), precision)
         h, path_cache = drop_path_forward(h, drop_path, train, rng, m.path2)
         return h, mlp_cache, path_cache
 

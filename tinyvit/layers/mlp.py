@@ -23,15 +23,16 @@ class MlpCache(NamedTuple):
 
 
 def mlp_forward(x, fc1_w, fc1_b, fc2_w, fc2_b, dropout: float = 0.0, train: bool = False, rng=None,
-                approximate: str = "none", masks=(None, None)):
+                approximate: str = "none", masks=(None, None), precision: str = "fp32"):
     """``x: (B, N, D), fc1_w: (F, D), fc1_b: (F,), fc2_w: (D, F), fc2_b: (D,) -> out: (B, N, D)``.
 
-    ``masks`` injects the two dropout keep-masks ``((B, N, F), (B, N, D))``.
+    ``masks`` injects the two dropout keep-masks ``((B, N, F), (B, N, D))``; ``precision``:
+    fc1's and fc2's products in fp32 / fp16 / bf16 (GELU and dropout stay float32).
     """
-    h, fc1_cache = linear_forward(x, fc1_w, fc1_b)  # (B, N, D) @ (D, F) -> (B, N, F)
+    h, fc1_cache = linear_forward(x, fc1_w, fc1_b, precision)  # (B, N, D) @ (D, F) -> (B, N, F)
     h, gelu_cache = gelu_forward(h, approximate)  # (B, N, F)
     h, drop1_cache = dropout_forward(h, dropout, train, rng, masks[0])  # (B, N, F)
-    out, fc2_cache = linear_forward(h, fc2_w, fc2_b)  # (B, N, F) @ (F, D) -> (B, N, D)
+    out, fc2_cache = linear_forward(h, fc2_w, fc2_b, precision)  # (B, N, F) @ (F, D) -> (B, N, D)
     fc2_cache = fc2_cache._replace(x=None)  # fc2's input is recomputed in the backward, not kept
     out, drop2_cache = dropout_forward(out, dropout, train, rng, masks[1])  # (B, N, D)
     return out, MlpCache(fc1_cache, gelu_cache, drop1_cache, fc2_cache, drop2_cache)

@@ -61,20 +61,21 @@ class PatchEmbedCache(NamedTuple):
     weight_shape: tuple  # (D, C, P, P)
 
 
-def patch_embed_forward(x, w, b):
+def patch_embed_forward(x, w, b, precision: str = "fp32"):
     """Patching then a linear map, i.e. a stride-P convolution.
 
     ``x: (B, C, H, W), w: (D, C, P, P), b: (D,) -> out: (B, Np, D)``;
     cache: the patches ``(B, Np, C*P*P)`` and ``w``. The patches are cached rather than a
     reference to ``x`` (4.8 MB for ViT-Ti/16 at batch 8, 1.5% of a step's peak): a caller
     that refills its image buffer before ``backward`` must not get a silently wrong ``dw``.
+    ``precision``: the linear map's product in fp32 / fp16 / bf16 (layers/precision.py).
     """
     d_model, channels, patch_size, _ = w.shape
     patches, patchify_cache = patchify_forward(x, patch_size)  # (B, Np, C*P*P)
     if patch_size == 1:  # then patching can be a mere reshape, a view of x: own a copy
         patches = patches.copy()
     w_2d = w.reshape(d_model, channels * patch_size * patch_size)  # (D, C*P*P)
-    out, linear_cache = linear_forward(patches, w_2d, b)  # (B, Np, C*P*P) @ (C*P*P, D) -> (B, Np, D)
+    out, linear_cache = linear_forward(patches, w_2d, b, precision)  # (B, Np, C*P*P) @ (C*P*P, D) -> (B, Np, D)
     return out, PatchEmbedCache(patchify_cache, linear_cache, tuple(w.shape))
 
 

@@ -4,6 +4,7 @@
 - ``data.py``        the bundled digits, image folders, ``.npz``; split, batches, normalisation
 - ``augment.py``     crop, flip, Mixup, CutMix, a RandAugment subset
 - ``optim.py``       SGD, AdamW, clipping, warm-up + cosine
+- ``amp.py``         the dynamic loss scale of fp16 training (``torch.amp.GradScaler``'s rule)
 - ``distill.py``     DeiT's hard distillation loss, forward and backward
 - ``checkpoint.py``  safetensors checkpoints and atomic writes (no code runs on load)
 """

@@ -11,9 +11,11 @@ One step, read top to bottom (``train``)::
     x, t     -> the model's backend                    the one host-to-device copy of the step
     logits   = model.forward(x, train=True, rng=...)   dropout / drop path drawn per sample (randomness.py)
     loss, dlogits = cross-entropy (label smoothing)    or DeiT's hard distillation loss
-    model.backward(dlogits, grad_ready=hook)           -> model.grads; K > 1: buckets all-reduced on the way
+    model.backward(S * dlogits, grad_ready=hook)       -> model.grads; K > 1: buckets all-reduced on the way
     grads = mean over the ranks                        (tinyvit/distributed)
+    grads, inf = scaler.unscale(grads)                 fp16: divided by the loss scale S (amp.py); else S = 1
     grads, norm = clip_grad_norm(grads)
+    inf (fp16 overflow) -> skip the step, halve S (GradScaler's rule; counted and reported)
     loss or norm not finite (on any rank) -> skip the step (nothing changes); a few in a row -> stop
     optimizer.step(model.params, grads, lr = warm-up + cosine(step))
 
@@ -34,10 +36,12 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import augment
+from .amp import DynamicLossScaler
 from .checkpoint import atomic_save_figure, atomic_write, load_checkpoint, restore, save_checkpoint
 from .data import Normalizer, batches, epoch_order, load_dataset, split, to_backend
 from .distill import hard_distillation_backward, hard_distillation_forward
 from ..layers.loss import softmax_cross_entropy
+from ..layers.precision import PRECISIONS
 from ..model import VisionTransformer
 from ..pretrained.preprocess import Preprocessing
 from .optim import build_optimizer, clip_grad_norm, grad_global_norm, warmup_cosine
@@ -94,6 +98,7 @@ class TrainConfig:
     # machinery
     backend: str = "numpy"
     dtype: str = "float32"
+    precision: str = "fp32"  # fp32 | fp16 | bf16: the matrix products' precision; float32 master weights
     seed: int = 0
     out: str = "runs/train"
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
@@ -125,6 +130,13 @@ class TrainConfig:
         if self.teacher is not None and self.pool != "cls":
             raise ValueError("distillation (teacher=...) needs pool='cls': the student's two heads read the class "
                              "and distillation tokens (on the command line --pool cls is the default with --teacher)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision != "fp32" and self.dtype != "float32":
+            raise ValueError(f"precision={self.precision!r} keeps float32 master weights: use dtype='float32', "
+                             f"got {self.dtype!r}")
+        if self.precision != "fp32" and getattr(self, "attn_impl", "plain") != "plain":
+            raise ValueError(f"precision={self.precision!r} needs attn_impl='plain' (flash attention runs in float32)")
         if not (math.isfinite(self.clip_grad) and self.clip_grad >= 0):
             raise ValueError(f"clip_grad must be > 0 (or 0 for no clipping), got {self.clip_grad}")
 
@@ -140,7 +152,8 @@ def _build_model(cfg: TrainConfig, train_set) -> VisionTransformer:
         depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, channels=channels, dropout=cfg.dropout,
         pool=cfg.pool, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, drop_path_rate=cfg.drop_path,
         gelu=cfg.gelu, pos_embed=cfg.pos_embed, distilled=cfg.teacher is not None, attn_impl=cfg.attn_impl,
-        attn_block=cfg.attn_block, rope_theta=cfg.rope_theta)
+        attn_block=cfg.attn_block, rope_theta=cfg.rope_theta,
+        precision=cfg.precision)
 
 
 def load_model(path, backend=None, dtype=None) -> VisionTransformer:
@@ -326,10 +339,13 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     history = {"step_loss": [], "epoch": [], "train_loss": [], "train_acc": [], "test_acc": []}
     step = 0
+    scaler = DynamicLossScaler(enabled=cfg.precision == "fp16")  # bf16 and fp32 need no loss scale
     if resume is not None:
         ckpt = load_checkpoint(resume)
         step = restore(ckpt, model, optimizer)
         history = ckpt.meta.get("extra", {}).get("history", history)
+        if "loss_scaler" in ckpt.meta.get("extra", {}):
+            scaler.load_state_dict(ckpt.meta["extra"]["loss_scaler"])
     last_saved = step if resume is not None else None
 
     def save(at_step):
@@ -338,7 +354,8 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
             last_saved = at_step
             return
         save_checkpoint(ckpt_path, model, optimizer, at_step, asdict(cfg),
-                        {"history": history, "normalizer": [norm.mean.ravel().tolist(), norm.std.ravel().tolist()]})
+                        {"history": history, "normalizer": [norm.mean.ravel().tolist(), norm.std.ravel().tolist()],
+                         "loss_scaler": scaler.state_dict()})
         last_saved = at_step
 
     fill = 0.0  # augmentations see [0, 1] images before normalisation: 0 is black (the digits' background)
@@ -365,15 +382,20 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
             if teacher is None:
                 logits = model.forward(x, train=True, rng=rng)  # (b, K)
                 loss, dlogits = softmax_cross_entropy(logits, t, cfg.label_smoothing)
-                model.backward(dlogits, grad_ready=reducer.grads_ready)
+                model.backward(scaler.scale_grad(dlogits), grad_ready=reducer.grads_ready)  # fp16: backward of S * loss
             else:
                 cls_logits, dist_logits = model.forward_distill(x, train=True, rng=rng)  # (b, K) each
                 loss, _, cache = hard_distillation_forward(cls_logits, dist_logits, t, teacher.forward(x),
                                                            cfg.distill_alpha, cfg.label_smoothing)
-                model.backward_distill(*hard_distillation_backward(cache), grad_ready=reducer.grads_ready)
+                model.backward_distill(*(scaler.scale_grad(d) for d in hard_distillation_backward(cache)),
+                                       grad_ready=reducer.grads_ready)
                 logits = (cls_logits + dist_logits) * 0.5
             grads = reducer.finish(model.grads)  # the mean over the ranks (K = 1: model.grads)
-            if cfg.clip_grad:
+            # fp16: / S, and inf/NaN found (an inf on any rank reaches every rank through the mean)
+            grads, overflow = scaler.unscale(grads)
+            if overflow:
+                gnorm = math.inf  # the step is skipped; no norm of inf/NaN gradients to take
+            elif cfg.clip_grad:
                 grads, gnorm = clip_grad_norm(grads, cfg.clip_grad)
             else:
                 gnorm = grad_global_norm(grads)
@@ -384,8 +406,11 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
             sums = comm.allreduce_host([local_loss * len(idx), not math.isfinite(local_loss), correct, stop.set])
             loss_value = local_loss if comm.size == 1 else float(sums[0]) / len(batch)
             gnorm_value = float(gnorm)  # the same on every rank: the norm of the averaged gradient
+            scaler.update(overflow)
 
-            if sums[1] or not (math.isfinite(loss_value) and math.isfinite(gnorm_value)):
+            if overflow and not sums[1] and math.isfinite(loss_value):
+                pass  # fp16 overflow under the loss scale: step skipped, S halved (GradScaler's rule), counted
+            elif sums[1] or not (math.isfinite(loss_value) and math.isfinite(gnorm_value)):
                 bad_steps += 1
                 skipped.append(step)
                 if lead:
@@ -439,7 +464,9 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
         "test_acc": test_acc, "steps": step, "total_steps": total_steps, "epochs": cfg.epochs,
         "seconds": elapsed, "images_per_s": images_done / max(time.perf_counter() - t_loop, 1e-9),
         "train_images": num_train, "test_images": len(test_set.labels), "params": model.num_params(),
-        "skipped_steps": skipped, "interrupted": interrupted, "checkpoint": ckpt_path, "finished": step >= total_steps,
+        "skipped_steps": skipped, "loss_scale_skipped": scaler.skipped,
+        "loss_scale": scaler.scale if scaler.enabled else None, "precision": cfg.precision,
+        "interrupted": interrupted, "checkpoint": ckpt_path, "finished": step >= total_steps,
         "ranks": comm.size, "allreduce": dict(reducer.stats), "ranks_agree": _ranks_agree(comm, model),
     }
     if step >= total_steps and last_saved != step:
@@ -507,6 +534,7 @@ def run_train(args) -> int:
         print(f"tinyvit train: {'digits (bundled)' if cfg.data is None else cfg.data}, {cfg.epochs} epochs, batch "
               f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, ViT dim {cfg.dim} depth {cfg.depth} patch "
               f"{cfg.patch_size}{', teacher ' + cfg.teacher if cfg.teacher else ''}, {cfg.backend}/{cfg.dtype}"
+              f"{'' if cfg.precision == 'fp32' else ', mixed precision ' + cfg.precision}"
               f"{f', {comm.size} ranks ({comm.name}), {cfg.batch_size // comm.size} images each' if comm.size > 1 else ''}",
               file=sys.stderr)
     try:
@@ -540,6 +568,9 @@ def run_train(args) -> int:
     print(f"test accuracy: {s['test_acc'] * 100:.2f}% on {s['test_images']} held-out images")
     if s["skipped_steps"]:
         print(f"skipped non-finite steps: {s['skipped_steps']}")
+    if s["loss_scale"] is not None:
+        print(f"fp16 loss scale: {s['loss_scale']:g} at the end; {s['loss_scale_skipped']} steps skipped for inf/NaN "
+              f"gradients under the scale (torch.amp.GradScaler's rule: halve and skip)")
     print(f"checkpoint: {s['checkpoint']}" + (f"\ncurves: {s['plot']}" if s["plot"] else ""))
     return 130 if s["interrupted"] else 0
 
@@ -599,6 +630,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=("numpy", "cupy"), default=d.backend)
     g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="matrix products in fp16/bf16 with float32 master weights (fp16: dynamic loss scaling); "
+                        "on NumPy for learning (emulated, slower), on CuPy the fast path")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", default=None, help=f"output folder: checkpoint, history.json, curves.png (default "
                                                f"{d.out}; with --resume, the checkpoint's folder)")
