@@ -135,7 +135,7 @@ class TrainConfig:
         if self.precision != "fp32" and self.dtype != "float32":
             raise ValueError(f"precision={self.precision!r} keeps float32 master weights: use dtype='float32', "
                              f"got {self.dtype!r}")
-        if self.precision != "fp32" and getattr(self, "attn_impl", "plain") != "plain":
+        if self.precision != "fp32" and self.attn_impl != "plain":
             raise ValueError(f"precision={self.precision!r} needs attn_impl='plain' (flash attention runs in float32)")
         if not (math.isfinite(self.clip_grad) and self.clip_grad >= 0):
             raise ValueError(f"clip_grad must be > 0 (or 0 for no clipping), got {self.clip_grad}")
