@@ -291,3 +291,53 @@ def test_bad_starts_stop_every_rank_with_one_message(mpiexec, tmp_path):
     done = subprocess.run([exe, *a, ":", *c], capture_output=True, text=True, timeout=60, env=_env(), cwd=REPO)
     assert done.returncode != 0
     assert done.stderr.count("missing.npz") == 1 and "(on rank 1)" in done.stderr, done.stderr[-2000:]
+
+
+def test_nccl_communicator_calls_nccl_on_its_own_stream(monkeypatch):
+    """No GPU here: a fake ``cupy`` and ``cupy.cuda.nccl`` record the calls. The all-reduce is queued
+    on the communicator's stream after the compute stream's work (an event), in place, float32 as
+    NCCL_FLOAT32, SUM; ``wait`` makes the compute stream wait on the communication's event; the buffer
+    is kept alive by the handle."""
+    pytest.importorskip("mpi4py")
+    import types
+    from tinyvit.distributed.comm import NcclCommunicator
+    log = []
+
+    class Event:
+        done = True
+
+    class Stream:
+        def __init__(self, name="comm", non_blocking=False):
+            self.name, self.ptr = name, 1234 if name == "comm" else 99
+
+        def record(self):
+            log.append(("record", self.name))
+            return Event()
+
+        def wait_event(self, event):
+            log.append(("wait_event", self.name))
+
+    compute = Stream("compute")
+    cuda = types.SimpleNamespace(Stream=Stream, get_current_stream=lambda: compute)
+    fake_cupy = types.SimpleNamespace(cuda=cuda)
+
+    class Comm:
+        def __init__(self, n, uid, rank):
+            log.append(("init", n, uid, rank))
+
+        def allReduce(self, send, recv, count, dtype, op, stream):
+            log.append(("allReduce", send, recv, count, dtype, op, stream))
+
+    nccl = types.SimpleNamespace(get_unique_id=lambda: (1, 2, 3), NcclCommunicator=Comm, NCCL_FLOAT32=7,
+                                 NCCL_FLOAT64=8, NCCL_SUM=0)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    comm = NcclCommunicator(nccl=nccl)
+    buf = types.SimpleNamespace(data=types.SimpleNamespace(ptr=555), size=10, dtype=np.dtype("float32"))
+    handle = comm.allreduce_start(buf)
+    assert log[0] == ("init", 1, (1, 2, 3), 0)
+    assert log[1:] == [("record", "compute"), ("wait_event", "comm"), ("allReduce", 555, 555, 10, 7, 0, 1234),
+                       ("record", "comm")]
+    handle.wait()
+    assert log[-1] == ("wait_event", "compute") and handle.buf is buf and handle.test()
+    with pytest.raises(TypeError, match="float32/float64"):
+        comm.allreduce_start(types.SimpleNamespace(data=None, size=1, dtype=np.dtype("int32")))

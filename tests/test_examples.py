@@ -33,6 +33,7 @@ PICTURES = {
     "06_distillation.py": ["06_distillation.png"],
     "07_vit_vs_cnn.py": ["07_vit_vs_cnn.png", "07_vit_attention.png"],
     "08_bring_your_own_layer.py": ["08_gradcheck.png"],
+    "12_data_parallel.py": ["12_data_parallel.png"],
 }
 
 

@@ -48,6 +48,29 @@ def local_rank() -> int:
     return 0
 
 
+def local_size(default: int = 1) -> int:
+    """How many ranks share this machine (MPICH: MPI_LOCALNRANKS; Open MPI: OMPI_COMM_WORLD_LOCAL_SIZE)."""
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return default
+
+
+def share_cores(comm) -> int:
+    """K ranks on one machine: give each its share of the cores for tinyvit's CPU kernels
+    (``TINYVIT_THREADS``, unless set), so K ranks x all the cores do not oversubscribe it."""
+    if comm.size == 1 or os.environ.get("TINYVIT_THREADS"):
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // local_size(comm.size))
+    os.environ["TINYVIT_THREADS"] = str(threads)
+    return threads
+
+
 class _Done:
     """The handle of an operation that finished when it started."""
 
@@ -83,8 +106,9 @@ class SingleProcess:
 
 
 class _MpiRequest:
-    def __init__(self, request):
+    def __init__(self, request, buf):
         self.request = request
+        self.buf = buf  # MPI writes into it until done: it must outlive the request (a freed one segfaulted)
 
     def wait(self):
         self.request.Wait()
@@ -109,7 +133,7 @@ class MpiCommunicator(SingleProcess):
         if not isinstance(buf, np.ndarray):
             raise TypeError(f"the MPI communicator sums host NumPy buffers, got {type(buf).__name__}; "
                             f"the CuPy backend uses NCCL")
-        return _MpiRequest(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
+        return _MpiRequest(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), buf)
 
     def allreduce_host(self, values):
         buf = np.array(values, dtype=np.float64)
@@ -132,8 +156,9 @@ class MpiCommunicator(SingleProcess):
 class _NcclRequest:
     """A GPU-side handle: the compute stream waits for the communication stream's event."""
 
-    def __init__(self, cupy, event):
+    def __init__(self, cupy, event, buf):
         self.cupy, self.event = cupy, event
+        self.buf = buf  # kept alive (out of CuPy's memory pool) until NCCL is done with it
 
     def wait(self):
         self.cupy.cuda.get_current_stream().wait_event(self.event)  # no host sync: the GPU waits
@@ -186,7 +211,7 @@ class NcclCommunicator(MpiCommunicator):
         self.stream.wait_event(cuda.get_current_stream().record())  # after the gradients are written
         self.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._types[np.dtype(buf.dtype)],
                                  self.nccl.NCCL_SUM, self.stream.ptr)
-        return _NcclRequest(self.cupy, self.stream.record())
+        return _NcclRequest(self.cupy, self.stream.record(), buf)
 
 
 def world(backend_name: str = "numpy"):

@@ -47,6 +47,7 @@ from ..pretrained.preprocess import Preprocessing
 from .optim import build_optimizer, clip_grad_norm, grad_global_norm, warmup_cosine
 from .randomness import SampleRandom, sample_generator
 from ..distributed import DEFAULT_BUCKET_MB, DistributedError, GradientAllReduce, SingleProcess, check_start, world
+from ..distributed.comm import share_cores
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -528,6 +529,7 @@ def run_train(args) -> int:
         cfg.out = out
     comm = world(cfg.backend)  # mpiexec -n K: MPI (NumPy) or NCCL (CuPy); otherwise one process
     lead = comm.rank == 0
+    share_cores(comm)  # K ranks on one machine: each its share of the cores for the CPU kernels
     if resume is not None and lead:
         print(f"resuming from {resume}: its training config is used; results go to {out}", file=sys.stderr)
     if lead:
