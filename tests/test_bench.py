@@ -72,3 +72,18 @@ def test_fused_switch_restores_the_environment(monkeypatch):
     with layers.fused(False):
         assert os.environ["TINYVIT_FUSED"] == "0"
     assert "TINYVIT_FUSED" not in os.environ
+
+
+def test_attention_sweep_rows(tmp_path):
+    """``tinyvit bench --attention``: plain, flash (checked equal to plain first) and windowed
+    attention, each with a time, a peak memory and its ratio to plain's."""
+    path = tmp_path / "att.json"
+    assert main(["bench", "--smoke", "--attention", "--layers", "none", "--models", "none", "--backends", "numpy",
+                 "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["attention"]
+    seen = {(r["image_size"], r["variant"]) for r in rows}
+    assert {(16, "plain"), (16, "flash"), (32, "plain"), (32, "flash"), (32, "window 2 + shift")} <= seen
+    for r in rows:
+        assert r["peak_bytes"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"] and r["train_gflop"] > 0
+        if r["variant"] == "plain":
+            assert r["time_vs_plain"] == 1.0 and r["memory_vs_plain"] == 1.0

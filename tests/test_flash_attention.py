@@ -82,6 +82,8 @@ def test_flash_float32_within_the_table():
 
 
 def test_flash_core_backward_against_finite_differences():
+    """dq, dk, dv of the tiled core (3 x 3 tiles over 7 tokens: a ragged last tile), with and
+    without an injected dropout mask, against central differences (tinyvit.gradcheck, float64)."""
     rng = np.random.default_rng(1)
     B, NH, N, hs, block = 1, 2, 7, 3, 3
     q, k, v = (rng.standard_normal((B, NH, N, hs)) for _ in range(3))

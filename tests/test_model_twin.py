@@ -38,8 +38,10 @@ def compare_with_twin(m, x, masks=None, train=False):
     fixed = None if m._fixed_pos is None else torch.tensor(np.asarray(m._fixed_pos))
     tmasks = None
     if masks:
-        tmasks = {k: (torch.tensor(v) if not isinstance(v, BlockMasks)
-                      else BlockMasks(*[None if a is None else torch.tensor(a) for a in v])) for k, v in masks.items()}
+        def to_torch(a):  # a keep-mask, or a tuple of them (windowed attention: window rows, prefix rows)
+            return None if a is None else tuple(map(to_torch, a)) if isinstance(a, tuple) else torch.tensor(a)
+        tmasks = {k: (torch.tensor(v) if not isinstance(v, BlockMasks) else BlockMasks(*map(to_torch, v)))
+                  for k, v in masks.items()}
     cls_t, dist_t = torch_vit_forward(xt, p, m.config, tmasks, fixed)
     total = (cls_t * torch.tensor(dcls)).sum()
     if m.config.distilled:

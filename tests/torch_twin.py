@@ -69,18 +69,112 @@ def torch_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None, attn
     return F.linear(y, proj_w, proj_b)
 
 
+def swin_relative_position_index(M):
+    """Swin's ``relative_position_index`` buffer (timm ``swin_transformer.get_relative_position_index``)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")).flatten(1)  # (2, M*M)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()  # (M*M, M*M, 2)
+    rel[:, :, 0] += M - 1
+    rel[:, :, 1] += M - 1
+    rel[:, :, 0] *= 2 * M - 1
+    return rel.sum(-1)
+
+
+def swin_shift_mask(H, W, M, s):
+    """Swin's ``attn_mask`` for a shifted grid: (nW, M*M, M*M), -100 between different regions."""
+    img = torch.zeros((1, H, W, 1))
+    cnt = 0
+    for h in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+        for w in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+            img[:, h, w, :] = cnt
+            cnt += 1
+    mw = window_partition(img, M).view(-1, M * M)
+    mask = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def window_partition(x, M):
+    """Swin: (B, H, W, C) -> (B * nW, M, M, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // M, M, W // M, M, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, M, M, C)
+
+
+def window_reverse(windows, M, H, W):
+    """Swin: (B * nW, M, M, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // M, W // M, M, M, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def torch_window_attention(x, qkv_w, qkv_b, proj_w, proj_b, table, heads, spec, attn_masks=None, attn_p=0.0,
+                           rope_cis=None):
+    """Swin's W-MSA / SW-MSA (timm's ``SwinTransformerBlock`` + ``WindowAttention``, the same steps:
+    roll, window_partition, q*scale @ k^T, + relative_position_bias, + mask, softmax, @ v,
+    window_reverse, roll back) on the patch tokens of a ViT, with the prefix tokens as Vision
+    Longformer's global tokens: they attend to all tokens, and every window also attends to them.
+    ``attn_masks``: (window rows (B, NH, nW, S, T + S), prefix rows (B, NH, T, N)) keep-masks;
+    ``rope_cis`` turns q and k past the prefix tokens (2D RoPE, as torch_attention)."""
+    B, N, D = x.shape
+    hs, T, (H, W), M, s = D // heads, spec.prefix, spec.grid, spec.size, spec.shift
+    qkv = F.linear(x, qkv_w, qkv_b).reshape(B, N, 3, heads, hs).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, N, hs)
+    if rope_cis is not None:  # 2D RoPE on the patch tokens' q and k, before the windows
+        q = torch.cat([q[:, :, :T], rope_apply(q[:, :, T:], rope_cis)], dim=2)
+        k = torch.cat([k[:, :, :T], rope_apply(k[:, :, T:], rope_cis)], dim=2)
+    scale = hs ** -0.5
+    # prefix (global) rows: ordinary attention over every token
+    a_pre = ((q[:, :, :T] * scale) @ k.transpose(-2, -1)).softmax(-1)
+    if attn_masks is not None:
+        a_pre = a_pre * attn_masks[1] / (1.0 - attn_p)
+    y_pre = a_pre @ v  # (B, NH, T, hs)
+
+    def windows(t):  # (B, NH, Np, hs) -> (B*nW, NH, S, hs), Swin's layout
+        t = t.permute(0, 2, 1, 3).reshape(B, H, W, heads * hs)
+        if s:
+            t = torch.roll(t, shifts=(-s, -s), dims=(1, 2))
+        w = window_partition(t, M).view(-1, M * M, heads, hs)
+        return w.permute(0, 2, 1, 3)
+
+    qw, kw, vw = windows(q[:, :, T:]), windows(k[:, :, T:]), windows(v[:, :, T:])
+    nW = qw.shape[0] // B
+    attn = (qw * scale) @ kw.transpose(-2, -1)  # (B*nW, NH, S, S)
+    bias = table[swin_relative_position_index(M).view(-1)].view(M * M, M * M, -1).permute(2, 0, 1)
+    attn = attn + bias.unsqueeze(0)
+    if s:
+        attn = attn.view(B, nW, heads, M * M, M * M) + swin_shift_mask(H, W, M, s).to(attn).unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, M * M, M * M)
+    kp = k[:, :, :T].unsqueeze(1).expand(B, nW, heads, T, hs).reshape(B * nW, heads, T, hs)
+    vp = v[:, :, :T].unsqueeze(1).expand(B, nW, heads, T, hs).reshape(B * nW, heads, T, hs)
+    glob = (qw * scale) @ kp.transpose(-2, -1)  # (B*nW, NH, S, T)
+    a = torch.cat([glob, attn], dim=-1).softmax(-1)
+    if attn_masks is not None:
+        keep = attn_masks[0].permute(0, 2, 1, 3, 4).reshape(B * nW, heads, M * M, T + M * M)
+        a = a * keep / (1.0 - attn_p)
+    yw = a @ torch.cat([vp, vw], dim=2)  # (B*nW, NH, S, hs)
+    yw = window_reverse(yw.permute(0, 2, 1, 3).reshape(-1, M, M, heads * hs), M, H, W)  # (B, H, W, D)
+    if s:
+        yw = torch.roll(yw, shifts=(s, s), dims=(1, 2))
+    y = torch.cat([y_pre.transpose(1, 2).reshape(B, T, D), yw.reshape(B, H * W, D)], dim=1)
+    return F.linear(y, proj_w, proj_b)
+
+
 def _drop(x, mask, p):
     return x if mask is None else x * mask / (1.0 - p)
 
 
 def torch_block(x, p, prefix, heads, eps, norm_first, approximate="none", masks=None, dropout=0.0,
-                attn_dropout=0.0, drop_path=0.0, rope_cis=None, num_prefix=1):
+                attn_dropout=0.0, drop_path=0.0, rope_cis=None, num_prefix=1, window=None):
     g = lambda k: p.get(prefix + k)  # noqa: E731
     m = masks or {}
 
     def attn(a):
-        a = torch_attention(a, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
-                            g("attn.proj.bias"), heads, m.get("attn"), attn_dropout, rope_cis, num_prefix)
+        if window is not None:
+            a = torch_window_attention(a, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
+                                       g("attn.proj.bias"), g("attn.relative_position_bias_table"), heads, window,
+                                       m.get("attn"), attn_dropout, rope_cis)
+        else:
+            a = torch_attention(a, g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
+                                g("attn.proj.bias"), heads, m.get("attn"), attn_dropout, rope_cis, num_prefix)
         return _drop(_drop(a, m.get("proj"), dropout), m.get("path1"), drop_path)
 
     def mlp(h):
@@ -121,7 +215,7 @@ def torch_vit_forward(x, p, config, masks=None, fixed_pos=None):
         bm = masks.get(f"blocks.{i}")
         bm = {k: v for k, v in bm._asdict().items() if v is not None} if bm is not None else None
         x = torch_block(x, p, f"blocks.{i}.", c.heads, c.layer_norm_eps, c.norm_first, c.gelu, bm,
-                        c.dropout, c.attn_dropout, dp, cis[i], c.num_prefix_tokens)
+                        c.dropout, c.attn_dropout, dp, cis[i], c.num_prefix_tokens, c.window_spec(i))
     T = c.num_prefix_tokens
     if c.pool == "cls":
         x = F.layer_norm(x, (c.dim,), p["norm.weight"], p["norm.bias"], c.layer_norm_eps)

@@ -28,9 +28,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import Backend, array_module, check_dtype_name, get_backend, is_backend_array, to_host
-from .layers.block import BLOCK_KEYS, block_backward, block_forward
+from .layers.block import BLOCK_KEYS, WINDOW_KEYS, block_backward, block_forward
 from .layers.dropout import dropout_backward, dropout_forward
 from .layers.flash_attention import DEFAULT_BLOCK, check_block, flash_probabilities
+from .layers.window_attention import WindowSpec, check_window, window_probabilities
 from .layers.gelu import APPROXIMATIONS
 from .layers.head import mean_pool_forward, pool_backward, token_pool_forward
 from .layers.layernorm import layernorm_backward, layernorm_forward
@@ -99,6 +100,8 @@ class ViTConfig:
     attn_impl: str = "plain"  # "plain": softmax(q k^T) kept for the backward; "flash": tiled, keeps O and L only
     attn_block: int = DEFAULT_BLOCK  # flash: the tile side (queries and keys), chosen by measurement
     rope_theta: float | None = None  # 2D RoPE frequency base; None: the paper's (100 axial, 10 mixed)
+    attn_window: int = 0  # M > 0: patch tokens attend within M x M windows of the grid (Swin); 0: global
+    attn_shift: bool = False  # windows shifted by M // 2 on every second block, with Swin's mask
 
     def __post_init__(self):
         size = self.image_size
@@ -129,6 +132,12 @@ class ViTConfig:
         _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         check_block(self.attn_block)
+        if not isinstance(self.attn_shift, bool):
+            raise TypeError(f"attn_shift must be True or False, got {self.attn_shift!r}")
+        check_window(self.grid, self.attn_window, self.attn_shift)
+        if self.attn_window and self.attn_impl == "flash":
+            raise ValueError("attn_window and attn_impl='flash' do not combine: windowed attention already works "
+                             "on small (M^2 + T)-key tiles; use attn_impl='plain' with attn_window")
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
             raise ValueError(f"layer_norm_eps must be a finite float > 0, got {eps!r}")
@@ -174,6 +183,13 @@ class ViTConfig:
         """The state-dict name of the final LayerNorm: ``norm`` (cls pool) or ``fc_norm`` (mean pool)."""
         return "norm" if self.pool == "cls" else "fc_norm"
 
+    def window_spec(self, block: int):
+        """The :class:`WindowSpec` of block ``block`` (None for global attention); Swin shifts every second block."""
+        if not self.attn_window:
+            return None
+        shift = self.attn_window // 2 if self.attn_shift and block % 2 == 1 else 0
+        return WindowSpec(self.grid, self.num_prefix_tokens, self.attn_window, shift)
+
     def drop_path_rates(self) -> list:
         """Per-block stochastic-depth rates, linear from 0 to ``drop_path_rate`` (timm's rule)."""
         if self.depth == 1:
@@ -206,9 +222,11 @@ def param_shapes(config: ViTConfig) -> dict:
         "mlp.fc1.weight": (c.mlp_dim, c.dim), "mlp.fc1.bias": (c.mlp_dim,),
         "mlp.fc2.weight": (c.dim, c.mlp_dim), "mlp.fc2.bias": (c.dim,),
     }
+    if c.attn_window:
+        block_shapes["attn.relative_position_bias_table"] = ((2 * c.attn_window - 1) ** 2, c.heads)  # Swin's
     for i in range(c.depth):
-        for key in BLOCK_KEYS:
-            if key == "attn.qkv.bias" and not c.qkv_bias:
+        for key in BLOCK_KEYS + WINDOW_KEYS:
+            if (key == "attn.qkv.bias" and not c.qkv_bias) or key not in block_shapes:
                 continue
             shapes[f"blocks.{i}.{key}"] = block_shapes[key]
     shapes[f"{c.final_norm}.weight"] = (c.dim,)
@@ -224,7 +242,8 @@ def param_shapes(config: ViTConfig) -> dict:
 def init_params(config: ViTConfig, seed) -> dict:
     """Host float64 initial weights, as timm initialises a ViT.
 
-    Linear weights and the position embedding: truncated normal, std 0.02, cut at +-2 std;
+    Linear weights, the position embedding and Swin's relative position bias tables: truncated
+    normal, std 0.02, cut at +-2 std;
     biases 0; LayerNorm weight 1, bias 0; class/distillation tokens: normal, std 1e-6;
     the patch projection keeps PyTorch's Conv2d default, uniform in +-1/sqrt(C*P*P);
     RoPE-Mixed frequencies: the paper's (axial magnitudes, a random direction per block and head).
@@ -300,12 +319,13 @@ class VisionTransformer:
                  mlp_dim=3072, channels=3, dropout=0.0, emb_dropout=0.0, norm_first=True, pool="cls",
                  layer_norm_eps=1e-6, backend=None, dtype="float32", seed=0, *, attn_dropout=0.0,
                  drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True,
-                 attn_impl="plain", attn_block=DEFAULT_BLOCK, rope_theta=None,
+                 attn_impl="plain", attn_block=DEFAULT_BLOCK, rope_theta=None, attn_window=0, attn_shift=False,
                  precision="fp32"):
         self.config = ViTConfig(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels,
                                 dropout, emb_dropout, attn_dropout, drop_path_rate, norm_first, pool,
                                 layer_norm_eps, gelu, pos_embed, distilled, qkv_bias, attn_impl=attn_impl,
-                                attn_block=attn_block, rope_theta=rope_theta)
+                                attn_block=attn_block, rope_theta=rope_theta, attn_window=attn_window,
+                                attn_shift=attn_shift)
         self.backend: Backend = get_backend(backend)
         self.dtype = check_dtype_name(dtype)
         self.precision = precision
@@ -340,6 +360,9 @@ class VisionTransformer:
         if value != "fp32" and self.config.attn_impl != "plain":
             raise ValueError(f"precision={value!r} rounds the products of attn_impl='plain'; this model uses "
                              f"attn_impl={self.config.attn_impl!r}: build it with attn_impl='plain' for mixed precision")
+        if value != "fp32" and self.config.attn_window:
+            raise ValueError(f"precision={value!r} rounds the products of global attn_impl='plain'; this model uses "
+                             f"windowed attention (attn_window={self.config.attn_window}), which runs in {self.dtype}")
         self._precision = value
 
     @classmethod
@@ -460,7 +483,7 @@ class VisionTransformer:
                 x, self._block_params(i), c.heads, c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
                 drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"), attn_impl=c.attn_impl,
                 attn_block=c.attn_block, rope_angles=angles, num_prefix=c.num_prefix_tokens,
-                precision=lowp)  # (B, N, D)
+                precision=lowp, window=c.window_spec(i))  # (B, N, D)
             if keep_cache:
                 block_caches.append(block_cache)
 
@@ -484,7 +507,7 @@ class VisionTransformer:
 
     def _block_params(self, i: int) -> dict:
         prefix = f"blocks.{i}."
-        return {key: self.params.get(prefix + key) for key in BLOCK_KEYS}
+        return {key: self.params.get(prefix + key) for key in BLOCK_KEYS + WINDOW_KEYS}
 
     # ---------------------------------------------------------------- backward
     def backward(self, dlogits, *, keep_cache: bool = True, grad_ready=None):
@@ -586,11 +609,14 @@ class VisionTransformer:
         With ``attn_impl="flash"`` nothing ``N x N`` was kept: each block's map is recomputed
         here, on request, from its cached q, k and row logsumexp L (``exp(q k^T / sqrt(hs) - L)``,
         the forward's probabilities before dropout), costing one ``(B, NH, N, N)`` array per block.
+        With ``attn_window`` the window probabilities are spread into a dense map, 0 outside the windows.
         """
         if self._cache is None or not self._cache.blocks:
             raise RuntimeError("attention_maps needs a forward first (with keep_cache=True, the default)")
         if self.config.attn_impl == "flash":
             return [flash_probabilities(bc.attn.core) for bc in self._cache.blocks]
+        if self.config.attn_window:
+            return [window_probabilities(bc.attn.core) for bc in self._cache.blocks]
         return [bc.attn.att.out for bc in self._cache.blocks]
 
     def num_params(self) -> int:

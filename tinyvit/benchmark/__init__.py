@@ -38,6 +38,7 @@ FULL = {"layers": ("vit_ti16", "vit_s16", "vit_b16"), "models": ("cifar", "vit_t
 # The seconds-long form for CI: tiny shapes, one repeat, every variant still checked.
 SMOKE_CFG = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64)
 SWEEP_SIZES = {"quick": (64, 128, 224, 320), "full": (64, 128, 224, 320, 448, 640), "smoke": (16, 32)}
+ATTENTION_SIZES = {"quick": (224, 448, 640), "smoke": (16, 32)}  # ViT-Ti/16: N = 197, 785, 1601
 ALL_BACKENDS = ("numpy", "torch-cpu", "cupy", "torch-cuda")
 
 
@@ -186,6 +187,17 @@ def _run_bench(args) -> int:
         if args.png:
             report.plot_sweep(results["sweep"], args.png)
             print(f"sweep plot written to {args.png}\n")
+    # ---- cheaper attention: plain vs flash (vs windows), a training step at batch --batch
+    if args.attention:
+        att_model = SMOKE_CFG if args.smoke else "vit_ti16"
+        sizes = _csv(args.sizes, int) if args.sizes else ATTENTION_SIZES["smoke" if args.smoke else "quick"]
+        att_batch = batches[0] if args.batch else (2 if args.smoke else 8)
+        windows = _csv(args.windows, int) if args.windows else ((2,) if args.smoke else (7, 8))
+        results["attention"] = model_bench.attention_sweep(att_model, sizes, att_batch, args.dtype, repeats,
+                                                           windows, torch="torch-cpu" in backends,
+                                                           memory=not args.no_memory)
+        print(f"## Cheaper attention: a training step per attention (batch {att_batch})\n")
+        print(report.attention_table(results["attention"]) + "\n")
     if skipped:
         print("Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + "\n")
     results["wall_s"] = time.perf_counter() - start
@@ -217,6 +229,11 @@ def register(subparsers) -> None:
     p.add_argument("--sweep", action="store_true", help="also time a training step against the token count")
     p.add_argument("--sizes", help="image sizes of the token sweep, comma list (default 64,128,224,320; "
                    "--full adds 448,640)")
+    p.add_argument("--attention", action="store_true",
+                   help="cheaper attention: a ViT-Ti/16 training step with plain, flash and windowed attention at "
+                        "--sizes (default 224,448,640) and --batch (default 8): time and peak memory, same run")
+    p.add_argument("--windows", help="window sizes M for --attention (comma list; used where M divides the grid; "
+                   "default 7,8)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", help="write all results and the machine to this JSON file")
     p.add_argument("--png", help="draw the token sweep to this PNG file")

@@ -88,19 +88,32 @@ def macs_by_layer(config, batch: int = 1) -> dict:
     """
     c = as_config(config)
     n, d, f, depth = c.num_tokens, c.dim, c.mlp_dim, c.depth
+    pairs = attention_pairs(c)
     patch_values = c.channels * c.patch_size * c.patch_size
     heads_out = 2 if c.distilled else 1
     per_image = {
         "patch_embed": c.num_patches * patch_values * d,
         "qkv": depth * n * d * 3 * d,
-        "attn_scores": depth * n * n * d,
-        "attn_values": depth * n * n * d,
+        "attn_scores": depth * pairs * d,
+        "attn_values": depth * pairs * d,
         "proj": depth * n * d * d,
         "fc1": depth * n * d * f,
         "fc2": depth * n * f * d,
         "head": heads_out * d * c.num_classes,
     }
     return {k: v * batch for k, v in per_image.items()}
+
+
+def attention_pairs(config) -> int:
+    """(query, key) pairs scored per head and image: ``N^2`` for global attention; with
+    ``attn_window=M`` each patch scores its window's ``M^2`` tokens and the ``T`` prefix tokens,
+    and each prefix token all ``N``: ``Np (T + M^2) + T N``."""
+    c = as_config(config)
+    m = getattr(c, "attn_window", 0)
+    if not m:
+        return c.num_tokens ** 2
+    t = c.num_prefix_tokens
+    return c.num_patches * (t + m * m) + t * c.num_tokens
 
 
 def forward_macs(config, batch: int = 1) -> int:
@@ -114,8 +127,13 @@ def forward_flops(config, batch: int = 1) -> int:
 
 
 def train_step_flops(config, batch: int = 1) -> int:
-    """Matrix FLOPs of a training step: forward, plus a backward that costs two forwards."""
-    return 3 * forward_flops(config, batch)
+    """Matrix FLOPs of a training step: forward, plus a backward that costs two forwards; with
+    ``attn_impl="flash"`` the backward also recomputes ``q k^T`` (one more score product)."""
+    c = as_config(config)
+    total = 3 * forward_flops(c, batch)
+    if getattr(c, "attn_impl", "plain") == "flash":
+        total += 2 * macs_by_layer(c, batch)["attn_scores"]
+    return total
 
 
 def attention_share(config) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 from . import flops
 from ..layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
 from ..backend import get_backend
+from ..layers.flash_attention import DEFAULT_BLOCK, flash_attention_backward, flash_attention_forward
 from ..layers.block import BLOCK_KEYS, block_backward, block_forward
 from ..layers.gelu import GeluCache, gelu_backward, gelu_forward, gelu_reference_backward, gelu_reference_forward
 from ..layers.layernorm import layernorm_backward, layernorm_forward
@@ -191,7 +192,11 @@ class Case:
                 fwd = lambda: softmax_forward(a["x"])  # noqa: E731
                 bwd = lambda c: softmax_backward(dout, c)  # noqa: E731
         elif layer == "attention":
-            if variant == "scores by einsum":
+            if variant == FLASH_VARIANT:
+                fwd = lambda: flash_attention_forward(a["x"], p["attn.qkv.weight"], p["attn.qkv.bias"],  # noqa: E731
+                                                      p["attn.proj.weight"], p["attn.proj.bias"], heads)
+                bwd = lambda c: flash_attention_backward(dout, c)[0]  # noqa: E731
+            elif variant == "scores by einsum":
                 def fwd():
                     q = a["x"].reshape(self.batch, self.tokens, heads, -1).transpose(0, 2, 1, 3)
                     return attention_scores_einsum(q, q, 1.0 / math.sqrt(q.shape[-1])), None
@@ -277,12 +282,13 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
+FLASH_VARIANT = f"flash (tiles of {DEFAULT_BLOCK})"  # attn_impl="flash": not a loser, the memory-saving choice
 NUMPY_VARIANTS = {
     "linear": ("stacked 3-D matmul",),
     "gelu": ("reference (plain formula)",),
     "gelu_tanh": ("reference (plain formula)",),
     "softmax": ("plain (3 temporaries)",),
-    "attention": ("scores by einsum",),
+    "attention": ("scores by einsum", FLASH_VARIANT),
 }
 
 

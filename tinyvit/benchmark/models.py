@@ -295,3 +295,52 @@ def token_sweep(model: str, image_sizes, batch: int, dtype: str, backends, repea
                          "backend": e, **t.to_dict(), "attention_flop_share": flops.attention_share(config),
                          "numpy_attention_time_share": attn_time / split["total"] if split else None})
     return rows
+
+
+# ---------------------------------------------------------------- cheaper attention: plain, flash, windows
+def attention_variants(config: ViTConfig, windows=()) -> dict:
+    """``{label: ViTConfig overrides}``: plain, flash and, per window size M that divides the
+    patch grid, windowed attention (shifted on alternate blocks, as Swin)."""
+    out = {"plain": {}, "flash": {"attn_impl": "flash"}}
+    for m in windows:
+        if "attn_window" in ViTConfig.__dataclass_fields__ and all(g % m == 0 for g in config.grid) \
+                and m < min(config.grid):
+            out[f"window {m} + shift"] = {"attn_window": m, "attn_shift": True}
+    return out
+
+
+def attention_sweep(model, image_sizes, batch: int, dtype: str, repeats: int, windows=(), torch: bool = True,
+                    memory: bool = True) -> list:
+    """A training step (forward, loss, backward) of the same ViT with each attention, per image size.
+
+    All variants of one size run in one process, interleaved (``timing.time_calls``); flash is
+    first checked equal to plain (logits and every gradient), since it computes the same
+    function. Each row: median/min/max time, peak bytes (tracemalloc), the ratio of both to
+    plain's, and the training-step matrix FLOPs of that attention.
+    """
+    rows = []
+    for size in image_sizes:
+        base = build_config(model, image_size=size)
+        variants = attention_variants(base, windows)
+        engines = {label: Engine("numpy", build_config(model, image_size=size, **over), batch, dtype)
+                   for label, over in variants.items()}
+        check_engines({k: engines[k] for k in ("plain", "flash")}, dtype)
+        fns = {label: e.train_step for label, e in engines.items()}
+        if torch:
+            try:
+                engines["torch-cpu (plain)"] = Engine("torch-cpu", base, batch, dtype)
+                fns["torch-cpu (plain)"] = engines["torch-cpu (plain)"].train_step
+            except RuntimeError:
+                pass
+        times = timing.time_calls(fns, repeats, warmup=1)
+        peaks = {label: e.peak_bytes() for label, e in engines.items()} if memory else {}
+        for label, t in times.items():
+            cfg = engines[label].config
+            rows.append({"model": model if isinstance(model, str) else "custom", "image_size": size,
+                         "tokens": cfg.num_tokens, "batch": batch, "variant": label, **t.to_dict(),
+                         "peak_bytes": peaks.get(label),
+                         "time_vs_plain": t.median / times["plain"].median,
+                         "memory_vs_plain": (peaks[label] / peaks["plain"]) if peaks else None,
+                         "train_gflop": flops.train_step_flops(cfg, batch) / 1e9})
+        del engines
+    return rows

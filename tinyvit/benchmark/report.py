@@ -173,3 +173,16 @@ def plot_sweep(rows, path: str) -> None:
         atomic_save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def attention_table(rows) -> str:
+    """The cheaper-attention sweep: one line per image size and attention."""
+    lines = ["| image | tokens | batch | attention | train step median (min-max) | vs plain | peak memory | vs plain "
+             "| train GFLOP |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2 ** 20:.0f} MiB" if r.get("peak_bytes") else "—"
+        mem = f"{r['memory_vs_plain']:.2f}x" if r.get("memory_vs_plain") else "—"
+        lines.append(f"| {r['image_size']} | {r['tokens']} | {r['batch']} | {r['variant']} | "
+                     f"{_ms(r['median_s'])} ms ({_ms(r['min_s'])}-{_ms(r['max_s'])}) | "
+                     f"{r['time_vs_plain']:.2f}x | {peak} | {mem} | {r['train_gflop']:.3g} |")
+    return "\n".join(lines)

@@ -32,6 +32,10 @@ from ..layers.loss import cross_entropy_backward, cross_entropy_forward
 from ..layers.mlp import mlp_backward, mlp_forward
 from ..layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
 from ..layers.rope import rope_angles_backward, rope_angles_forward, rope_backward, rope_forward, rope_positions
+from ..layers.window_attention import (WindowSpec, relative_bias_backward, relative_bias_forward,
+                                       relative_position_index, shift_mask, window_attention_backward,
+                                       window_attention_forward, window_core_backward, window_core_forward,
+                                       window_token_index)
 from ..layers.tokens import add_pos_embed_backward, add_pos_embed_forward, prepend_tokens_backward, \
     prepend_tokens_forward
 
@@ -280,6 +284,78 @@ def _flash_attention(backend, dtype):
                 names=["x", "qkv_w", "qkv_b", "proj_w", "proj_b"], torch_forward=torch_forward)
 
 
+WINDOW = WindowSpec((4, 4), 1, 2, 1)  # a 4x4 grid, a class token, 2x2 windows shifted by 1: N = 17
+
+
+def _dense_window_bias(spec: WindowSpec, table):
+    """Windowed attention written densely, for the PyTorch reference: an ``(NH, N, N)`` additive
+    term that is the relative bias + Swin's -100 shift mask inside each window, 0 on the pairs with
+    a prefix token, and -inf on every pair the windows keep apart."""
+    torch = _torch()
+    t, m = spec.prefix, spec.size
+    n = t + spec.grid[0] * spec.grid[1]
+    slots = window_token_index(spec)  # (nW, S): the token in each window slot
+    rows = np.zeros((n, n), dtype=np.int64)
+    inside = np.zeros((n, n), dtype=bool)
+    extra = np.full((n, n), -np.inf)
+    extra[:t, :] = 0.0  # prefix rows attend to everything
+    extra[:, :t] = 0.0  # everything attends to the prefix tokens
+    index = relative_position_index(m)
+    masks = shift_mask(spec.grid, m, spec.shift) if spec.shift else np.zeros((len(slots), m * m, m * m))
+    for w, tokens in enumerate(slots):
+        rows[np.ix_(tokens, tokens)] = index
+        inside[np.ix_(tokens, tokens)] = True
+        extra[np.ix_(tokens, tokens)] = masks[w]
+    bias = table[torch.tensor(rows)].permute(2, 0, 1) * torch.tensor(inside, dtype=table.dtype)  # (NH, N, N)
+    return bias + torch.tensor(extra, dtype=table.dtype)
+
+
+def _window_core(backend, dtype):
+    """Shifted 2x2 windows over a 4x4 grid with a class token: q, k, v and the bias table, against
+    a dense PyTorch softmax with the same pairs allowed (a different formulation of the same map)."""
+    r = _rand(backend, dtype, 22)
+    hs = D // NH
+    scale = 1.0 / math.sqrt(hs)
+    n = 1 + 16
+
+    def torch_forward(q, k, v, table):
+        return ((q @ k.transpose(-2, -1)) * scale + _dense_window_bias(WINDOW, table)).softmax(dim=-1) @ v
+
+    return dict(forward=lambda q, k, v, table: window_core_forward(q, k, v, table, scale, WINDOW),
+                backward=window_core_backward, args=[r(1, NH, n, hs) for _ in range(3)] + [r(9, NH)],
+                names=["q", "k", "v", "table"], torch_forward=torch_forward)
+
+
+def _window_attention(backend, dtype):
+    """Windowed multi-head attention (W-MSA with the qkv and output projections), unshifted."""
+    r = _rand(backend, dtype, 23)
+    spec = WindowSpec((4, 4), 1, 2, 0)
+    args = [r(1, 17, D), r(3 * D, D, scale=0.5), r(3 * D), r(D, D), r(D), r(9, NH)]
+
+    def torch_forward(x, qkv_w, qkv_b, proj_w, proj_b, table):
+        F_ = _torch().nn.functional
+        hs = D // NH
+        qkv = F_.linear(x, qkv_w, qkv_b).reshape(1, 17, 3, NH, hs).permute(2, 0, 3, 1, 4)
+        att = (qkv[0] @ qkv[1].transpose(-2, -1) / math.sqrt(hs) + _dense_window_bias(spec, table)).softmax(-1)
+        return F_.linear((att @ qkv[2]).transpose(1, 2).reshape(1, 17, D), proj_w, proj_b)
+
+    return dict(forward=lambda *a: window_attention_forward(*a[:5], a[5], NH, spec),
+                backward=window_attention_backward, args=args,
+                names=["x", "qkv_w", "qkv_b", "proj_w", "proj_b", "table"], torch_forward=torch_forward)
+
+
+def _relative_bias(backend, dtype):
+    """Swin's relative position bias: a gather from the ((2M-1)^2, NH) table; its backward a scatter-add."""
+    r = _rand(backend, dtype, 24)
+    index = relative_position_index(3)
+
+    def torch_forward(table):
+        return table[_torch().tensor(index.reshape(-1))].reshape(9, 9, NH).permute(2, 0, 1)
+
+    return dict(forward=lambda table: relative_bias_forward(table, 3), backward=relative_bias_backward,
+                args=[r(25, NH)], names=["table"], torch_forward=torch_forward)
+
+
 def _torch_rope(x, angles, num_prefix):
     torch = _torch()
     t = num_prefix
@@ -469,6 +545,12 @@ CASES = [
          about="tiled softmax(q k^T) v, 2x2 tiles, injected mask"),
     Case("flash_attention", _flash_attention, ("flash_attention.flash_attention_backward",),
          about="flash multi-head attention, dropout from a seed"),
+    Case("window_core", _window_core, ("window_attention.window_core_backward",),
+         about="Swin windows 2x2, shifted, class token global, vs a dense masked softmax"),
+    Case("window_attention", _window_attention, ("window_attention.window_attention_backward",),
+         about="windowed multi-head attention (W-MSA) with its projections"),
+    Case("relative_bias", _relative_bias, ("window_attention.relative_bias_backward",),
+         about="Swin's relative position bias: gather, scatter-add"),
     Case("rope", _rope, ("rope.rope_backward",), about="2D RoPE turn, class token unturned"),
     Case("rope_angles", _rope_angles, ("rope.rope_angles_backward",), about="angles from mixed frequencies"),
     Case("mlp", _mlp, ("mlp.mlp_backward",), about="fc1, GELU, dropout masks, fc2"),

@@ -28,6 +28,7 @@ from typing import NamedTuple
 from .attention import AttentionCache, attention_backward, attention_forward
 from .flash_attention import (DEFAULT_BLOCK, FlashAttentionCache, flash_attention_backward,
                               flash_attention_forward)
+from .window_attention import WindowAttentionCache, WindowSpec, window_attention_backward, window_attention_forward
 from .dropout import DropoutCache, drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
 from .layernorm import LayerNormCache, layernorm_backward, layernorm_forward
 from .mlp import MlpCache, mlp_backward, mlp_forward
@@ -38,6 +39,7 @@ BLOCK_KEYS = (
     "norm2.weight", "norm2.bias",
     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
 )
+WINDOW_KEYS = ("attn.relative_position_bias_table",)  # windowed attention only (Swin's key): ((2M-1)^2, NH)
 
 
 class BlockMasks(NamedTuple):
@@ -54,7 +56,7 @@ class BlockMasks(NamedTuple):
 class BlockCache(NamedTuple):
     norm_first: bool
     norm1: LayerNormCache
-    attn: AttentionCache | FlashAttentionCache
+    attn: AttentionCache | FlashAttentionCache | WindowAttentionCache
     proj_drop: DropoutCache
     path1: DropoutCache
     norm2: LayerNormCache
@@ -66,10 +68,11 @@ def block_forward(x, p: dict, heads: int, eps: float, norm_first: bool = True, d
                   attn_dropout: float = 0.0, drop_path: float = 0.0, approximate: str = "none",
                   train: bool = False, rng=None, masks: BlockMasks | None = None, attn_impl: str = "plain",
                   attn_block: int = DEFAULT_BLOCK, rope_angles=None, num_prefix: int = 1,
-                  precision: str = "fp32"):
+                  precision: str = "fp32", window: WindowSpec | None = None):
     """``x: (B, N, D) -> out: (B, N, D)``; cache: the caches of the two norms, attention, MLP and masks.
 
-    ``attn_impl``: ``"plain"`` (attention.py) or ``"flash"`` (flash_attention.py, tiles of ``attn_block``).
+    ``attn_impl``: ``"plain"`` (attention.py) or ``"flash"`` (flash_attention.py, tiles of ``attn_block``);
+    ``window``: windowed attention (window_attention.py) with ``p["attn.relative_position_bias_table"]``.
     ``rope_angles: (NH or 1, N - num_prefix, hs/2)`` turns the attention's q and k (2D RoPE, rope.py).
     ``precision``: the matrix products of attention and MLP in fp32 / fp16 / bf16; the norms and
     residual adds stay float32 (mixed precision, layers/precision.py; plain attention only).
@@ -78,9 +81,13 @@ def block_forward(x, p: dict, heads: int, eps: float, norm_first: bool = True, d
     attn_args = (p["attn.qkv.weight"], p["attn.qkv.bias"], p["attn.proj.weight"], p["attn.proj.bias"], heads)
 
     def attention_branch(a):  # (B, N, D) -> (B, N, D)
-        if attn_impl == "flash" and precision != "fp32":
-            raise ValueError(f"precision={precision!r} needs attn_impl='plain' (flash attention runs in float32)")
-        if attn_impl == "flash":
+        if (attn_impl == "flash" or window is not None) and precision != "fp32":
+            raise ValueError(f"precision={precision!r} needs attn_impl='plain' without attn_window (flash and "
+                             f"windowed attention run in the model's dtype)")
+        if window is not None:
+            a, attn_cache = window_attention_forward(a, *attn_args[:4], p["attn.relative_position_bias_table"], heads,
+                                                     window, attn_dropout, train, rng, m.attn, rope_angles)
+        elif attn_impl == "flash":
             a, attn_cache = flash_attention_forward(a, *attn_args, attn_block, attn_dropout, train, rng, m.attn,
                                                     rope_angles, num_prefix)
         elif attn_impl == "plain":
@@ -122,6 +129,12 @@ def block_backward(dout, cache: BlockCache):
     def attention_branch_backward(da):
         da = drop_path_backward(da, cache.path1)
         da = dropout_backward(da, cache.proj_drop)
+        if isinstance(cache.attn, WindowAttentionCache):
+            da, g["attn.qkv.weight"], g["attn.qkv.bias"], g["attn.proj.weight"], g["attn.proj.bias"], \
+                g["attn.relative_position_bias_table"], *drope = window_attention_backward(da, cache.attn)
+            if drope:
+                g["attn.rope_angles"] = drope[0]
+            return da
         backward = flash_attention_backward if isinstance(cache.attn, FlashAttentionCache) else attention_backward
         da, g["attn.qkv.weight"], g["attn.qkv.bias"], g["attn.proj.weight"], g["attn.proj.bias"], *drope = \
             backward(da, cache.attn)

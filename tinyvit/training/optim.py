@@ -20,8 +20,9 @@ decoupled from the gradient statistics)::
     p  -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 No weight decay, as timm's ``param_groups_weight_decay``: 1-D parameters (LayerNorm
-weights and biases, all biases) and the ``cls_token``, ``dist_token`` and ``pos_embed``, and
-the learned 2D RoPE frequencies ``rope.freqs`` (RoPE-ViT's ``no_weight_decay``).
+weights and biases, all biases) and the ``cls_token``, ``dist_token`` and ``pos_embed``, the
+learned 2D RoPE frequencies ``rope.freqs`` (RoPE-ViT's ``no_weight_decay``) and, as Swin's
+``no_weight_decay_keywords``, each block's ``attn.relative_position_bias_table``.
 
 Everything runs on the parameters' own array module (NumPy or CuPy); hyper-parameters
 are Python floats so float32 stays float32.
@@ -38,7 +39,8 @@ NO_DECAY_KEYS = ("cls_token", "dist_token", "pos_embed", "rope.freqs")
 def decays(key: str, shape) -> bool:
     """timm's rule: weight decay for matrices and conv kernels, none for 1-D tensors,
     biases and the tokens / position embedding."""
-    return len(shape) > 1 and not key.endswith(".bias") and key not in NO_DECAY_KEYS
+    return (len(shape) > 1 and not key.endswith(".bias") and key not in NO_DECAY_KEYS
+            and not key.endswith("relative_position_bias_table"))
 
 
 def _check_float(name: str, value, low: float, high: float = math.inf, low_open=False, high_open=True) -> float:

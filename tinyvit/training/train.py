@@ -74,6 +74,8 @@ class TrainConfig:
     rope_theta: float | None = None  # 2D RoPE frequency base; None: the paper's (100 axial, 10 mixed)
     attn_impl: str = "plain"  # plain | flash (tiled, memory linear in the tokens; docs/flash_attention.md)
     attn_block: int = 128  # flash's tile side
+    attn_window: int = 0  # M > 0: Swin's windowed attention over M x M patches (docs/window_attention.md)
+    attn_shift: bool = False  # shifted windows on every second block
     dropout: float = 0.1
     drop_path: float = 0.2
     # optimisation
@@ -153,7 +155,7 @@ def _build_model(cfg: TrainConfig, train_set) -> VisionTransformer:
         depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, channels=channels, dropout=cfg.dropout,
         pool=cfg.pool, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, drop_path_rate=cfg.drop_path,
         gelu=cfg.gelu, pos_embed=cfg.pos_embed, distilled=cfg.teacher is not None, attn_impl=cfg.attn_impl,
-        attn_block=cfg.attn_block, rope_theta=cfg.rope_theta,
+        attn_block=cfg.attn_block, rope_theta=cfg.rope_theta, attn_window=cfg.attn_window, attn_shift=cfg.attn_shift,
         precision=cfg.precision)
 
 
@@ -606,6 +608,11 @@ def register(subparsers) -> None:
                    help="attention: plain (keeps the N x N probabilities) or flash (tiled; keeps only the output "
                         "and each row's logsumexp, recomputes the tiles in the backward)")
     g.add_argument("--attn-block", type=int, default=d.attn_block, help="flash: tile side in tokens")
+    g.add_argument("--attn-window", type=int, default=d.attn_window,
+                   help="windowed attention (Swin): each patch attends within its M x M window of the patch grid, "
+                        "the class token globally (0: global attention)")
+    g.add_argument("--attn-shift", action="store_true",
+                   help="with --attn-window: shift the windows by M/2 on every second block (Swin's SW-MSA)")
     g.add_argument("--dropout", type=float, default=d.dropout)
     g.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate of the last block")
     g = p.add_argument_group("optimisation")
