@@ -80,38 +80,22 @@ def _load_chapter(script: str):
 
 
 def test_conv3x3_backward_matches_finite_differences():
-    """Chapter 7's convolution: float64 central differences, random upstream gradient.
+    """Chapter 7's convolution through tinyvit.gradcheck: float64 central differences, random upstream gradient.
 
     Tolerance: relative 1e-7 (step 1e-6; the op is linear in x and in w, so the only
     error is round-off, about 1e-10 here).
     """
+    from tinyvit.gradcheck import assert_backward
+
     ch7 = _load_chapter("07_vit_vs_cnn.py")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 5, 4))  # (B, C, H, W)
     w = rng.standard_normal((4, 3, 3, 3))  # (C_out, C, 3, 3)
     b = rng.standard_normal(4)
-    out, cache = ch7.conv3x3_forward(x, w, b)
+    out, _ = ch7.conv3x3_forward(x, w, b)
     assert out.shape == (2, 4, 5, 4)
-    dout = rng.standard_normal(out.shape)
-    dx, dw, db = ch7.conv3x3_backward(dout, cache)
-
-    def numeric(array, loss, eps=1e-6):
-        grad = np.zeros_like(array)
-        for i in np.ndindex(array.shape):
-            keep = array[i]
-            array[i] = keep + eps
-            plus = loss()
-            array[i] = keep - eps
-            minus = loss()
-            array[i] = keep
-            grad[i] = (plus - minus) / (2 * eps)
-        return grad
-
-    loss = lambda: float((ch7.conv3x3_forward(x, w, b)[0] * dout).sum())  # noqa: E731
-    for name, analytic, array in (("dx", dx, x), ("dw", dw, w), ("db", db, b)):
-        num = numeric(array, loss)
-        err = np.max(np.abs(analytic - num)) / np.max(np.abs(num))
-        assert err < 1e-7, f"{name}: relative error {err:.1e} > 1e-7"
+    assert_backward(ch7.conv3x3_forward, ch7.conv3x3_backward, [x, w, b], names=["x", "w", "b"], rtol=1e-7,
+                    atol=1e-9)
 
 
 def test_conv3x3_matches_torch():

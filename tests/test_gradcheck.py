@@ -119,6 +119,18 @@ def test_a_dropped_softmax_jacobian_term_is_caught():
     assert check_backward(softmax_forward, softmax_backward, [x]).ok
 
 
+def test_an_all_ones_dout_hides_a_softmax_bug():
+    """Subtracting mean(dout) instead of sum(dout * s) is right for any constant dout: the default
+    random dout catches it, an all-ones dout does not (why check_backward never uses one)."""
+    def bad_backward(dout, cache):
+        return cache.out * (dout - dout.mean(axis=-1, keepdims=True))
+
+    x = np.random.default_rng(2).standard_normal((2, 3, 6))
+    assert check_backward(softmax_forward, bad_backward, [x], dout=np.ones((2, 3, 6))).ok
+    report = check_backward(softmax_forward, bad_backward, [x])
+    assert not report.ok and report.rows[0].over > 1e3, str(report)
+
+
 def test_a_transposed_weight_gradient_is_caught_in_every_mode():
     """A square weight whose gradient comes back transposed (the shape cannot tell)."""
     def bad_backward(dout, cache):

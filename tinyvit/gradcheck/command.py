@@ -30,7 +30,7 @@ def run_cases(cases, backend, dtype: str, mode: str | None = None, seed: int = 0
     if not have_torch:
         stream("PyTorch is not installed: the pytorch column is skipped (pip install torch==2.13.0, the CPU build)")
     stream("vs fd / vs torch: the worst argument's max |got - expected| / max |expected|; a case passes when every "
-           "element is within atol * max(1, max|expected|) + rtol * |expected|")
+           "element is within atol * max(1, max|expected|) + rtol * |expected| (+ the differences' own rounding)")
     width = max(len(c.name) for c in cases)
     stream(f"{'case':<{width}}  {'mode':<11}  {'dtype':<7}  {'vs fd':>8}  {'vs torch':>8}  {'rtol fd/torch':>13}  "
            f"{'time':>6}  result")
