@@ -2,7 +2,9 @@
 
 Each chapter is run as ``python3 examples/NN_name.py [--out DIR] [--quick]``:
 
-- ``--out DIR``: where its pictures go (default ``docs/images``, where the README links them);
+- ``--out DIR``: where its pictures go (default ``runs/tour``, which git ignores, so running the
+  tour never rewrites the committed pictures; ``--out docs/images`` redraws those, where the
+  README links them);
 - ``--quick``: fewer steps and smaller sizes, for the tests (the printed shapes stay the same).
 
 The pictures are ``examples/data/*.png`` (two CC BY 2.0 photos, see ``examples/data/README.md``)
@@ -27,7 +29,20 @@ import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DEFAULT_OUT = os.path.join(ROOT, "docs", "images")
+DEFAULT_OUT = os.path.join(ROOT, "runs", "tour")  # runs/ is in .gitignore: docs/images changes only when asked
+
+
+def _missing_module_hook(kind, value, tb, _previous=sys.excepthook):
+    """A chapter run without the tour's extra stops with one line saying what to install, not a traceback."""
+    if issubclass(kind, ModuleNotFoundError) and getattr(value, "name", None):
+        top = value.name.split(".")[0]
+        print(f"{os.path.basename(sys.argv[0])}: this chapter needs {top!r}, which is not installed: "
+              f"pip install -e '.[examples]' (matplotlib, and PyTorch for chapters 00, 04 and 05)", file=sys.stderr)
+        sys.exit(1)
+    _previous(kind, value, tb)
+
+
+sys.excepthook = _missing_module_hook
 
 try:  # run from a checkout without `pip install -e .`: use the tinyvit next to this folder
     import tinyvit  # noqa: F401
@@ -51,7 +66,8 @@ ENCODER_LAYER_NAMES = {  # timm's block keys -> PyTorch's nn.TransformerEncoderL
 
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the pictures (default: docs/images)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="folder for the pictures (default: runs/tour; --out docs/images redraws the committed ones)")
     parser.add_argument("--quick", action="store_true", help="fewer steps, for the tests")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -47,7 +47,10 @@ def register(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="tinyvit", description="A Vision Transformer with hand-written backward passes.")
+    parser.add_argument("--version", action="version", version=f"tinyvit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -63,8 +66,23 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:
-        print(f"tinyvit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tinyvit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, permission denied, a path that is a file: one line, not a traceback
+        print(f"tinyvit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or Ctrl-C elsewhere
+        print(f"tinyvit {args.command}: interrupted; nothing more was written (files written before are complete: "
+              f"every write is atomic)", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its message, or its type when it has none."""
+    text = " ".join(str(exc).split()) if str(exc) else type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text += f": {exc.filename}"
+    return text
 
 
 if __name__ == "__main__":

@@ -243,7 +243,9 @@ def layer_split(engine) -> dict:
         return out
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    from .timing import quiet_profiler_logs
+
+    with quiet_profiler_logs(), profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.train_step()
     total = 0.0
     for ev in prof.key_averages():

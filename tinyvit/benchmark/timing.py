@@ -8,6 +8,7 @@ GPU times), so queued kernels are never mistaken for finished ones.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -124,6 +125,33 @@ def torch_cuda_peak_bytes(fn, torch) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+NATIVE_LOG_PREFIXES = ("USDT:", "STAGE:")
+
+
+@contextlib.contextmanager
+def quiet_profiler_logs():
+    """PyTorch's profiler (kineto) writes ``USDT: ... profiler_start/stop`` and ``STAGE:`` lines
+    straight to file descriptor 2 from C++, whatever the log level. Inside this block fd 2 goes
+    to a temporary file; afterwards every other line is passed on to stderr, so a real error
+    still shows, and the bench output is the tables."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode("utf-8", "replace").splitlines():
+                if line and not line.startswith(NATIVE_LOG_PREFIXES):
+                    print(line, file=sys.stderr)
+
+
 def torch_cpu_peak_bytes(fn, torch) -> int:
     """Peak bytes PyTorch's CPU allocator handed out during ``fn()``.
 
@@ -134,7 +162,7 @@ def torch_cpu_peak_bytes(fn, torch) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_logs(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +33,12 @@ import numpy as np
 from ..backend import to_host
 
 FORMAT = "tinyvit-checkpoint-1"
+
+# Size limits, checked before anything large is read or allocated (a small file must not cost gigabytes).
+MAX_FILE_BYTES = int(os.environ.get("TINYVIT_MAX_FILE_BYTES", 8 * 2**30))  # a file, or an .npz's expanded arrays
+MAX_HEADER_BYTES = 16 * 2**20  # a safetensors JSON header (ViT-B's is ~20 KB; the safetensors library allows 100 MB)
+NPZ_RATIO_FLOOR = 64 * 2**20  # an .npz expanding past this ...
+NPZ_MAX_RATIO = 50  # ... may expand at most this many times its compressed size
 HASH_KEY = "tinyvit.sha256"
 _NPZ_META = "__metadata__"
 
@@ -42,40 +49,124 @@ def _digest(arrays: dict, metadata: dict) -> str:
     for key in sorted(arrays):
         a = np.ascontiguousarray(arrays[key])
         h.update(f"{key}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
+        h.update(a.data if a.size else b"")  # the buffer itself: no copy of a large array
     for key in sorted(metadata):
         if key != HASH_KEY:
             h.update(f"meta\0{key}\0{metadata[key]}\0".encode())
     return h.hexdigest()
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _file_mode(path: str) -> int:
+    """The mode a new file gets under the process umask (0644 under 0022), or the mode of the file being replaced."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def clean_stale_temp_files(path) -> list:
+    """Remove the temporary files earlier writes of ``path`` left behind when killed.
+
+    Temporary names are ``<name>.<pid>.<random>.tmp``; one whose process is gone (or is this
+    process: its own write has finished or failed) is stale. Names without a pid (written by an
+    older tinyvit) are removed when older than ten minutes. Returns the removed paths."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.startswith(name + ".") and entry.endswith(TMP_SUFFIX)):
+            continue
+        middle = entry[len(name) + 1:-len(TMP_SUFFIX)]
+        pid_text = middle.split(".", 1)[0]
+        full = os.path.join(folder, entry)
+        if pid_text.isdigit() and "." in middle:
+            pid = int(pid_text)
+            stale = pid == os.getpid() or not _process_alive(pid)
+        else:
+            try:
+                stale = time.time() - os.path.getmtime(full) > 600
+            except OSError:
+                stale = False
+        if stale:
+            try:
+                os.unlink(full)
+                removed.append(full)
+            except OSError:
+                pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    The file gets the mode a plain ``open`` would give (the umask's, or the replaced file's), not
+    ``mkstemp``'s 0600. Temporary files that killed writes of the same path left are removed
+    first (:func:`clean_stale_temp_files`). A failed write (disk full, ...) raises ``OSError``
+    naming the path and leaves the old file as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path!r}: it is a directory")
+    clean_stale_temp_files(path)
+    mode = _file_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror or exc}); the old file, if any, is "
+                                 f"unchanged") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+FIGURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
 
 def atomic_save_figure(fig, path, dpi: int = 100) -> None:
-    """Render a matplotlib figure to PNG in memory, then :func:`atomic_write` it to ``path``."""
+    """Render a matplotlib figure in memory in the format the file name asks for (``.png``,
+    ``.jpg``/``.jpeg``, ``.pdf``, ``.svg``), then :func:`atomic_write` it to ``path``. Another
+    suffix is an error (never PNG bytes under a ``.jpg`` name)."""
     import io
 
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in FIGURE_FORMATS:
+        raise ValueError(f"{os.fspath(path)}: cannot tell the picture format from {suffix or 'no suffix'!r}; use one "
+                         f"of {', '.join(FIGURE_FORMATS)}")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    kwargs = {"pil_kwargs": {"quality": 95}} if FIGURE_FORMATS[suffix] == "jpeg" else {}
+    fig.savefig(buffer, format=FIGURE_FORMATS[suffix], dpi=dpi, **kwargs)
     atomic_write(path, buffer.getvalue())
+
 
 def save_arrays(path, arrays: dict, metadata: dict | None = None) -> None:
     """Write ``{name: array}`` (host or device arrays) and ``{str: str}`` metadata to ``path``
@@ -140,17 +231,95 @@ def _parse_safetensors(path, data: bytes):
 
 
 def _parse_npz(path, data: bytes):
-    import io
-
+    arrays = read_npz(path, data, text=(_NPZ_META,))
+    meta = arrays.pop(_NPZ_META, None)
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        metadata = json.loads(str(arrays.pop(_NPZ_META))) if _NPZ_META in arrays else {}
-        if not isinstance(metadata, dict):
-            raise ValueError("metadata is not a map")
-    except Exception as exc:  # BadZipFile, ValueError (pickled object arrays), EOFError, ...
-        raise ValueError(f"{path}: corrupt or unreadable .npz ({type(exc).__name__}: {exc})") from None
+        metadata = json.loads(str(meta)) if meta is not None else {}
+    except ValueError as exc:
+        raise ValueError(f"{path}: corrupt .npz metadata ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: corrupt .npz metadata (not a map)")
     return arrays, metadata
+
+
+def read_npz(path, data: bytes | None = None, text: tuple = ()) -> dict:
+    """``{name: array}`` of an ``.npz`` (from ``path``, or its bytes ``data``), checked before any large
+    allocation, without ``numpy.load``:
+
+    - every member is an ``.npy`` (NumPy's ``load`` returns the raw bytes of any other member);
+    - the members expand to at most :data:`MAX_FILE_BYTES` in all, and an archive that expands
+      past :data:`NPZ_RATIO_FLOOR` may expand at most :data:`NPZ_MAX_RATIO` times (a 1 MB file of
+      compressed zeros must not become gigabytes);
+    - each ``.npy`` header is read first: object dtypes (pickles) are refused, and the shape must
+      fit in the bytes the member really holds, so a header cannot make tinyvit allocate more
+      than the file delivers. Arrays are numeric, except the members named in ``text`` (strings).
+    """
+    import io
+    import zipfile
+
+    path = os.fspath(path)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data) if data is not None else path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: corrupt or unreadable .npz ({type(exc).__name__}: {exc})") from None
+    arrays = {}
+    with archive:
+        infos = archive.infolist()
+        odd = [i.filename for i in infos if not i.filename.endswith(".npy")]
+        if odd:
+            raise ValueError(f"{path}: a zip archive but not an .npz: members {odd[:5]} are not .npy arrays")
+        total, packed = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)
+        if total > MAX_FILE_BYTES:
+            raise ValueError(f"{path}: its arrays expand to {total:,} bytes, over the limit of {MAX_FILE_BYTES:,} "
+                             f"(TINYVIT_MAX_FILE_BYTES)")
+        if total > NPZ_RATIO_FLOOR and total > NPZ_MAX_RATIO * max(packed, 1):
+            raise ValueError(f"{path}: {packed:,} compressed bytes expand to {total:,} ({total / max(packed, 1):.0f}x, "
+                             f"over the limit of {NPZ_MAX_RATIO}x past {NPZ_RATIO_FLOOR:,} bytes): a decompression bomb")
+        for info in infos:
+            name = info.filename[:-len(".npy")]
+            try:
+                with archive.open(info) as f:
+                    arrays[name] = _read_npy(f, info.file_size, name in text)
+            except ValueError as exc:
+                raise ValueError(f"{path}: member {info.filename}: {exc}") from None
+            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # CRC errors, truncation
+                raise ValueError(f"{path}: member {info.filename} is corrupt ({type(exc).__name__}: {exc})") from None
+    return arrays
+
+
+def _read_npy(f, size: int, text_ok: bool = False) -> np.ndarray:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+    except ValueError:
+        raise ValueError("not an .npy array (no NumPy header)") from None
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = fmt.read_array_header_2_0(f) if version == (2, 0) else _header_3_0(f)
+    else:
+        raise ValueError(f"unknown .npy version {version}")
+    if dtype.hasobject:
+        raise ValueError("holds Python objects (a pickle); tinyvit never unpickles")
+    if dtype.kind not in "fiub" and not (text_ok and dtype.kind == "U"):
+        raise ValueError(f"dtype {dtype} is not numeric (expected uint8, int, float or bool arrays)")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    nbytes = count * dtype.itemsize
+    if nbytes > size:
+        raise ValueError(f"its header claims shape {shape} ({nbytes:,} bytes) but the member holds {size:,} bytes")
+    buffer = bytearray(nbytes)
+    got = f.readinto(memoryview(buffer)) if nbytes else 0
+    while got < nbytes:
+        more = f.readinto(memoryview(buffer)[got:])
+        if not more:
+            raise ValueError(f"truncated: {got:,} of {nbytes:,} array bytes")
+        got += more
+    array = np.frombuffer(buffer, dtype=dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def _header_3_0(f):
+    return np.lib.format._read_array_header(f, (3, 0))  # utf-8 field names; NumPy has no public reader
 
 
 def load_arrays_and_metadata(path) -> tuple[dict, dict]:
@@ -202,7 +371,7 @@ class Checkpoint(NamedTuple):
 
 
 def save_checkpoint(path, model, optimizer, step: int, train_config: dict | None = None,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, data: dict | None = None) -> None:
     """Write model weights, optimiser state, step, the model's RNG state and the configs, and
     the model's class names and preprocessing (``model.labels``, ``model.preprocessing``), so
     ``load_pretrained`` / ``tinyvit predict`` read the checkpoint as it was trained.
@@ -213,6 +382,9 @@ def save_checkpoint(path, model, optimizer, step: int, train_config: dict | None
     if bad:
         raise ValueError(f"refusing to save non-finite weights (NaN/Inf in {bad[:5]}) to {os.fspath(path)}")
     optim_arrays, optim_meta = optimizer.state_dict()
+    bad = [k for k, v in optim_arrays.items() if np.asarray(v).dtype.kind == "f" and not np.all(np.isfinite(v))]
+    if bad:
+        raise ValueError(f"refusing to save a non-finite optimiser state (NaN/Inf in {bad[:5]}) to {os.fspath(path)}")
     arrays = {f"model.{k}": v for k, v in params.items()}
     arrays.update({f"optim.{k}": v for k, v in optim_arrays.items()})
     meta = {
@@ -222,6 +394,8 @@ def save_checkpoint(path, model, optimizer, step: int, train_config: dict | None
         "labels": json.dumps(getattr(model, "labels", None)),
         "preprocessing": json.dumps(_as_dict(getattr(model, "preprocessing", None))),
     }
+    if data is not None:
+        meta["data"] = json.dumps(data)  # the data split: source, fraction, seed, fingerprint
     save_arrays(path, arrays, meta)
 
 
@@ -255,6 +429,11 @@ def restore(ckpt: Checkpoint, model, optimizer) -> int:
         if ckpt.meta.get("model_config") != model.config.to_dict():
             raise ValueError(f"{ckpt.path}: checkpoint was written by a model with config "
                              f"{ckpt.meta.get('model_config')}, this model has {model.config.to_dict()}")
+        bad = [k for k, v in ckpt.optim_arrays.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
+        if bad:
+            raise ValueError(f"{ckpt.path}: the optimiser state holds NaN/Inf in {bad[:5]}"
+                             f"{' ...' if len(bad) > 5 else ''}; the file is damaged (resuming would make every "
+                             f"update NaN): resume from an earlier checkpoint")
         model.load_state_dict(ckpt.params)
         optimizer.load_state_dict(ckpt.optim_arrays, ckpt.meta.get("optimizer") or {}, model.params)
         set_rng_state(model.rng, ckpt.meta.get("rng"))

@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class TrainConfig:
     lr: float = 2e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_epochs: float = 3.0
+    warmup_epochs: float | None = None  # None: 3, capped at half the run (epochs / 2); see warmup()
     clip_grad: float = 1.0  # global-norm clip; 0 turns it off
     label_smoothing: float = 0.1
     # augmentation
@@ -111,37 +111,110 @@ class TrainConfig:
     bucket_mb: float = DEFAULT_BUCKET_MB
     overlap: bool = True
 
-    def check(self) -> None:
+    def warmup(self) -> float:
+        """Warm-up epochs: the value given, or 3 (the DeiT-style default) capped at half the run, so a
+        short run (``--epochs 1``) warms up for half its steps instead of failing."""
+        return min(3.0, self.epochs / 2) if self.warmup_epochs is None else self.warmup_epochs
+
+    def problems(self) -> list:
+        """Every setting out of range, one line each (all of them, not only the first)."""
+        out = []
         for name in ("epochs", "batch_size", "max_bad_steps", "eval_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+                out.append(f"{name} must be an int >= 1, got {v!r}")
         for name in ("crop_padding", "randaugment", "seed", "split_seed", "blas_threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+                out.append(f"{name} must be an int >= 0, got {v!r}")
         for name in ("warmup_epochs", "mixup", "cutmix", "min_lr", "bucket_mb"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) cannot exceed epochs ({self.epochs})")
+            if name == "warmup_epochs" and v is None:
+                continue
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                out.append(f"{name} must be a finite number >= 0, got {v!r}")
+        epochs_ok = isinstance(self.epochs, int) and self.epochs >= 1
+        if epochs_ok and isinstance(self.warmup_epochs, (int, float)) and self.warmup_epochs > self.epochs:
+            out.append(f"warmup_epochs ({self.warmup_epochs}) cannot exceed epochs ({self.epochs})")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            out.append(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.test_fraction, (int, float)) and 0.0 < self.test_fraction < 1.0):
+            out.append(f"test_fraction must lie in (0, 1), got {self.test_fraction!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+            out.append(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError(f"distill_alpha must lie in [0, 1], got {self.distill_alpha}")
+            out.append(f"distill_alpha must lie in [0, 1], got {self.distill_alpha}")
         if self.teacher is not None and self.pool != "cls":
-            raise ValueError("distillation (teacher=...) needs pool='cls': the student's two heads read the class "
-                             "and distillation tokens (on the command line --pool cls is the default with --teacher)")
+            out.append("distillation (teacher=...) needs pool='cls': the student's two heads read the class "
+                       "and distillation tokens (on the command line --pool cls is the default with --teacher)")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.precision != "fp32" and self.dtype != "float32":
-            raise ValueError(f"precision={self.precision!r} keeps float32 master weights: use dtype='float32', "
-                             f"got {self.dtype!r}")
-        if self.precision != "fp32" and self.attn_impl != "plain":
-            raise ValueError(f"precision={self.precision!r} needs attn_impl='plain' (flash attention runs in float32)")
+            out.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        elif self.precision != "fp32" and self.dtype != "float32":
+            out.append(f"precision={self.precision!r} keeps float32 master weights: use dtype='float32', "
+                       f"got {self.dtype!r}")
+        elif self.precision != "fp32" and self.attn_impl != "plain":
+            out.append(f"precision={self.precision!r} needs attn_impl='plain' (flash attention runs in float32)")
         if not (math.isfinite(self.clip_grad) and self.clip_grad >= 0):
-            raise ValueError(f"clip_grad must be > 0 (or 0 for no clipping), got {self.clip_grad}")
+            out.append(f"clip_grad must be > 0 (or 0 for no clipping), got {self.clip_grad}")
+        return out
+
+    def check(self) -> None:
+        """Raise one ``ValueError`` listing every problem of :meth:`problems`."""
+        problems = self.problems()
+        if len(problems) == 1:
+            raise ValueError(problems[0])
+        if problems:
+            raise ValueError(f"{len(problems)} settings are out of range: " + "; ".join(problems))
+
+
+def data_fingerprint(train_set, test_set) -> str:
+    """SHA-256 of the split a run trains and tests on: class names, every label and pixel of both
+    sets, in order. A resumed run whose data gained, lost or changed images gets another one."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(list(train_set.classes)).encode())
+    for part in (train_set, test_set):
+        h.update(f"{part.images.shape}".encode())
+        h.update(np.ascontiguousarray(part.labels, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(part.images, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _check_same_data(path, saved, now: dict, accept: bool) -> None:
+    if not isinstance(saved, dict) or "fingerprint" not in saved:
+        print(f"tinyvit train: warning: {path} records no data fingerprint (an older checkpoint); cannot check that "
+              f"the data is the same", file=sys.stderr)
+        return
+    if saved["fingerprint"] == now["fingerprint"]:
+        return
+    counts = (f"it trained on {saved.get('train_images')} images and tested on {saved.get('test_images')}; the data "
+              f"now gives {now['train_images']} and {now['test_images']}")
+    if accept:
+        print(f"tinyvit train: warning: the data differs from the checkpoint's ({counts}); continuing as asked "
+              f"(--accept-changed-data)", file=sys.stderr)
+        return
+    raise ValueError(f"{path}: the data split differs from the one this checkpoint was trained on ({counts}, or "
+                     f"pixels changed); images may have moved between training and test. Pass "
+                     f"--accept-changed-data to continue anyway, or start a new run")
+
+
+def _diverged(cfg, model, optimizer, steps: list, ckpt_path: str, last_saved) -> str:
+    """The message of a run stopped by NaN/Inf steps: what was non-finite, what is kept, what to try."""
+    where = (f"the last good checkpoint, {ckpt_path} (step {last_saved}), is kept as it was"
+             if last_saved is not None else "no checkpoint had been written yet")
+    bad_weights = [k for k, v in model.params.items() if not bool(model.backend.xp.isfinite(v).all())]
+    bad_state = [f"{slot}.{k}" for slot, d in optimizer.state.items() if isinstance(d, dict)
+                 for k, v in d.items() if hasattr(v, "dtype") and not bool(model.backend.xp.isfinite(v).all())]
+    if bad_state:
+        cause = (f"the optimiser state holds NaN/Inf ({bad_state[:3]}{' ...' if len(bad_state) > 3 else ''}), so "
+                 f"every update is NaN: the checkpoint it was resumed from is damaged; restart from an earlier one")
+    elif bad_weights:
+        cause = f"the weights hold NaN/Inf ({bad_weights[:3]}): an update overflowed; try a lower --lr (now {cfg.lr})"
+    else:
+        cause = (f"the weights are finite, so the loss blew up from them: try a lower --lr (now {cfg.lr}) or a "
+                 f"smaller --clip-grad (now {cfg.clip_grad})")
+    return (f"training diverged: the loss or gradient norm was NaN/Inf for {len(steps)} steps in a row "
+            f"(steps {steps[0]}-{steps[-1]}), last at step {steps[-1]}; {cause}; {where}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -243,7 +316,7 @@ class _StopFlag:
 
 
 def train(cfg: TrainConfig, resume=None, progress: bool = True, on_step=None, stop_after: int | None = None,
-          comm=None) -> dict:
+          comm=None, overwrite: bool = False, accept_changed_data: bool = False) -> dict:
     """Run (or resume) a training run; return a summary dict.
 
     ``resume``: a checkpoint path; the run continues from its step with its weights,
@@ -269,8 +342,9 @@ def train(cfg: TrainConfig, resume=None, progress: bool = True, on_step=None, st
     try:
         if cfg.blas_threads and threadpool_limits is not None:
             with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
-                return _train(cfg, resume, progress, on_step, stop_after, comm, started)
-        return _train(cfg, resume, progress, on_step, stop_after, comm, started)
+                return _train(cfg, resume, progress, on_step, stop_after, comm, started, overwrite,
+                              accept_changed_data)
+        return _train(cfg, resume, progress, on_step, stop_after, comm, started, overwrite, accept_changed_data)
     except Exception as exc:
         if comm.size == 1 or started or isinstance(exc, DistributedError):
             raise
@@ -302,11 +376,13 @@ def _ranks_agree(comm, model) -> bool:
     return bool(comm.bcast_object(None if digests is None else len(set(digests)) == 1))
 
 
-def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
+def _train(cfg, resume, progress, on_step, stop_after, comm, started, overwrite=False,
+           accept_changed_data=False) -> dict:
     from tqdm import tqdm
 
     t_start = time.perf_counter()
     cfg.check()
+    cfg = replace(cfg, warmup_epochs=float(cfg.warmup()))  # saved resolved, so a resume keeps the same schedule
     dataset = load_dataset(cfg.data)
     train_set, test_set = split(dataset, cfg.test_fraction, cfg.split_seed)
     norm = Normalizer.fit(train_set.images)
@@ -331,25 +407,43 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
             raise ValueError(f"teacher {cfg.teacher} predicts {teacher.config.num_classes} classes, the data has "
                              f"{num_classes}")
 
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out!r} is a file, not a folder: name a folder for the checkpoint, "
+                         f"history.json and curves.png")
+    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+    continuing = resume is not None and os.path.abspath(resume) == os.path.abspath(ckpt_path)
+    if os.path.exists(ckpt_path) and not (overwrite or continuing):
+        raise ValueError(f"{cfg.out} already holds a run ({CHECKPOINT_NAME}); pass --overwrite to replace it, "
+                         f"--resume {ckpt_path} to continue it, or another --out")
+    data_record = {"data": cfg.data, "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed,
+                   "fingerprint": data_fingerprint(train_set, test_set), "train_images": num_train,
+                   "test_images": len(test_set.labels)}
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        _check_same_data(resume, ckpt.meta.get("data"), data_record, accept_changed_data)
+
     check_start(comm, _fingerprint(cfg, train_set, resume), cfg.batch_size)
     started.append(True)
     lead = comm.rank == 0  # rank 0 alone prints and writes
     share = cfg.batch_size // comm.size
     positions = np.arange(comm.rank * share, (comm.rank + 1) * share)  # this rank's places in every global batch
     reducer = GradientAllReduce(comm, cfg.bucket_mb, cfg.overlap)
-    if lead:
-        os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     history = {"step_loss": [], "epoch": [], "train_loss": [], "train_acc": [], "test_acc": []}
     step = 0
     scaler = DynamicLossScaler(enabled=cfg.precision == "fp16")  # bf16 and fp32 need no loss scale
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         step = restore(ckpt, model, optimizer)
-        history = ckpt.meta.get("extra", {}).get("history", history)
-        if "loss_scaler" in ckpt.meta.get("extra", {}):
-            scaler.load_state_dict(ckpt.meta["extra"]["loss_scaler"])
-    last_saved = step if resume is not None else None
+        if step > total_steps:
+            raise ValueError(f"{resume} is at step {step}, past the {total_steps} steps of {cfg.epochs} epochs; "
+                             f"pass more --epochs to continue it")
+        extra = ckpt.meta.get("extra")
+        history = extra.get("history", history) if isinstance(extra, dict) else history
+        if isinstance(extra, dict) and "loss_scaler" in extra:
+            scaler.load_state_dict(extra["loss_scaler"])
+    if lead:
+        os.makedirs(cfg.out, exist_ok=True)
+    last_saved = step if ckpt is not None and continuing else None
 
     def save(at_step):
         nonlocal last_saved
@@ -358,7 +452,7 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
             return
         save_checkpoint(ckpt_path, model, optimizer, at_step, asdict(cfg),
                         {"history": history, "normalizer": [norm.mean.ravel().tolist(), norm.std.ravel().tolist()],
-                         "loss_scaler": scaler.state_dict()})
+                         "loss_scaler": scaler.state_dict()}, data=data_record)
         last_saved = at_step
 
     fill = 0.0  # augmentations see [0, 1] images before normalisation: 0 is black (the digits' background)
@@ -369,7 +463,9 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and lead), unit="step", dynamic_ncols=True,
                file=sys.stderr, desc="train")
     interrupted = False
-    with _StopFlag() as stop:
+    # NaN/Inf are caught in the loop, once per step, with a message that says what to do; NumPy's
+    # RuntimeWarnings from inside the layers would only come first and say less.
+    with _StopFlag() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
             if order_epoch != epoch:
@@ -421,10 +517,8 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
                               f"step skipped, weights unchanged")
                 if bad_steps >= cfg.max_bad_steps:
                     bar.close()
-                    where = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none was written"
-                    raise TrainingDiverged(f"training diverged: loss or gradient NaN/Inf for {bad_steps} steps in a "
-                                           f"row, last at step {step}; the last good checkpoint is {where}. "
-                                           f"Try a lower --lr or --clip-grad.")
+                    raise TrainingDiverged(_diverged(cfg, model, optimizer, skipped[-bad_steps:], ckpt_path,
+                                                     last_saved))
             else:
                 bad_steps = 0
                 optimizer.step(model.params, grads, lr)
@@ -478,7 +572,11 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started) -> dict:
     if lead:
         atomic_write(os.path.join(cfg.out, "history.json"),
                      json.dumps({"summary": summary, "history": history, "config": asdict(cfg)}, indent=1).encode())
-        summary["plot"] = plot_curves(history, os.path.join(cfg.out, "curves.png"))
+        try:
+            summary["plot"] = plot_curves(history, os.path.join(cfg.out, "curves.png"))
+        except OSError as exc:  # the run and its checkpoint are done: a missing picture is a warning
+            print(f"tinyvit train: warning: could not write curves.png ({exc}); the checkpoint and history.json "
+                  f"are written", file=sys.stderr)
     summary["model"] = model
     return summary
 
@@ -518,22 +616,77 @@ def plot_curves(history: dict, path) -> str | None:
 
 
 # ---------------------------------------------------------------- command line
-def run_train(args) -> int:
+# Flags a resumed run may change, and how each is applied (``tinyvit train --resume ... --help``).
+RESUME_CHANGEABLE = {
+    "epochs": "more epochs: the cosine is re-laid to end at the new last step; steps taken keep their rates",
+    "lr": "a new peak learning rate: the remaining steps follow warm-up + cosine scaled to it",
+    "min_lr": "a new final learning rate for the remaining cosine",
+    "eval_every": "how often to evaluate and save", "max_bad_steps": "how many non-finite steps stop the run",
+    "blas_threads": "BLAS threads", "backend": "where the run continues (weights and optimiser state move)",
+    "bucket_mb": "the all-reduce's bucket size", "overlap": "whether the all-reduce overlaps the backward",
+}
+
+
+def _explicit(args) -> dict:
+    """The training settings given on the command line (argparse defaults are None here)."""
     names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    if args.teacher is not None and args.pool is None:
-        cfg.pool = "cls"
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if given.get("gelu") == "exact":
+        given["gelu"] = "none"  # the model's name for the erf GELU (PyTorch's approximate='none')
+    return given
+
+
+def resume_config(path, given: dict, out=None) -> tuple:
+    """The config a resumed run continues with: the checkpoint's, plus the flags in
+    :data:`RESUME_CHANGEABLE`; any other flag that differs from the checkpoint is refused,
+    all of them named in one ``ValueError``."""
+    saved = load_checkpoint(path).meta.get("train_config")
+    if not isinstance(saved, dict) or not saved:
+        raise ValueError(f"{path}: its train_config is {type(saved).__name__ if saved else 'empty'}, not the "
+                         f"settings of a run (a JSON object): cannot resume from it")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"{path}: its train_config has settings this tinyvit does not know: {unknown}")
+    try:
+        cfg = TrainConfig(**saved)
+    except TypeError as exc:
+        raise ValueError(f"{path}: corrupt train_config ({exc})") from None
+    refused = []
+    for key, value in given.items():
+        if key == "out" or getattr(cfg, key) == value:
+            continue
+        if key in RESUME_CHANGEABLE:
+            setattr(cfg, key, value)
+        else:
+            refused.append(f"--{key.replace('_', '-')} {value} (the checkpoint has {getattr(cfg, key)!r})")
+    if refused:
+        raise ValueError(f"--resume continues the checkpoint's run, which cannot change {'; '.join(refused)}; "
+                         f"only {', '.join('--' + k.replace('_', '-') for k in RESUME_CHANGEABLE)} may change "
+                         f"(start a new run with --out to train another way)")
+    step = int(load_checkpoint(path).meta.get("step", 0))
+    cfg.out = out if out is not None else os.path.dirname(os.path.abspath(path))
+    return cfg, step
+
+
+def run_train(args) -> int:
+    given = _explicit(args)
     resume = args.resume
+    how = ""
     if resume is not None:
-        saved = load_checkpoint(resume).meta.get("train_config") or {}
-        out = args.out if args.out is not None else os.path.dirname(os.path.abspath(resume))
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
-        cfg.out = out
+        cfg, step = resume_config(resume, given, args.out)
+        changed = sorted(k for k in given if k in RESUME_CHANGEABLE)
+        how = "; ".join(f"{k}={getattr(cfg, k)}: {RESUME_CHANGEABLE[k]}" for k in changed)
+    else:
+        cfg = TrainConfig(**given)
+        if args.teacher is not None and args.pool is None:
+            cfg.pool = "cls"
     comm = world(cfg.backend)  # mpiexec -n K: MPI (NumPy) or NCCL (CuPy); otherwise one process
     lead = comm.rank == 0
     share_cores(comm)  # K ranks on one machine: each its share of the cores for the CPU kernels
     if resume is not None and lead:
-        print(f"resuming from {resume}: its training config is used; results go to {out}", file=sys.stderr)
+        print(f"resuming from {resume} at step {step}: its training config is used"
+              f"{' with ' + how if how else ''}; results go to {cfg.out}", file=sys.stderr)
     if lead:
         print(f"tinyvit train: {'digits (bundled)' if cfg.data is None else cfg.data}, {cfg.epochs} epochs, batch "
               f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, ViT dim {cfg.dim} depth {cfg.depth} patch "
@@ -542,7 +695,8 @@ def run_train(args) -> int:
               f"{f', {comm.size} ranks ({comm.name}), {cfg.batch_size // comm.size} images each' if comm.size > 1 else ''}",
               file=sys.stderr)
     try:
-        s = train(cfg, resume=resume, progress=not args.no_progress, comm=comm)
+        s = train(cfg, resume=resume, progress=not args.no_progress, comm=comm, overwrite=args.overwrite,
+                  accept_changed_data=args.accept_changed_data)
     except (TrainingDiverged, DistributedError) as exc:  # raised on every rank alike: rank 0 says it once
         if lead:
             print(f"tinyvit train: {'error: ' if isinstance(exc, DistributedError) else ''}{exc}", file=sys.stderr)
@@ -587,18 +741,21 @@ def register(subparsers) -> None:
     a = p.add_argument
     a("--data", default=None, help="mnist5k (5,000 MNIST digits at 28x28, pip install -e '.[mnist]'), a folder "
                                 "of class subfolders, or an .npz of images and labels (default: the bundled digits)")
-    a("--test-fraction", type=float, default=d.test_fraction)
+    a("--test-fraction", type=float, default=d.test_fraction,
+      help="share of each class held out for testing (stratified, seeded by --split-seed)")
     a("--split-seed", type=int, default=d.split_seed, help="seed of the train/test split (kept apart from --seed)")
     g = p.add_argument_group("model")
-    g.add_argument("--patch-size", type=int, default=d.patch_size)
-    g.add_argument("--dim", type=int, default=d.dim)
-    g.add_argument("--depth", type=int, default=d.depth)
-    g.add_argument("--heads", type=int, default=d.heads)
-    g.add_argument("--mlp-dim", type=int, default=d.mlp_dim)
+    g.add_argument("--patch-size", type=int, default=d.patch_size, help="side P of the square patches")
+    g.add_argument("--dim", type=int, default=d.dim, help="token width D")
+    g.add_argument("--depth", type=int, default=d.depth, help="number of encoder blocks")
+    g.add_argument("--heads", type=int, default=d.heads, help="attention heads (must divide --dim)")
+    g.add_argument("--mlp-dim", type=int, default=d.mlp_dim, help="hidden width F of each block's MLP")
     g.add_argument("--pool", choices=("cls", "mean"), default=None,
                    help=f"head input: mean of the patch tokens or the class token "
                         f"(default {d.pool}; cls with --teacher)")
-    g.add_argument("--gelu", choices=("none", "tanh"), default=d.gelu)
+    g.add_argument("--gelu", choices=("exact", "tanh", "none"), default=d.gelu,
+                   help="GELU form: exact = the erf GELU (also 'none', PyTorch's approximate='none'); tanh = the "
+                        "tanh approximation")
     g.add_argument("--pos-embed", choices=("learned", "sincos1d", "sincos2d", "rope_axial", "rope_mixed"),
                    default=d.pos_embed, help="position information: added to the tokens (learned, fixed sin-cos) or "
                                              "2D RoPE turning q and k in every block (axial fixed, mixed learned)")
@@ -613,48 +770,79 @@ def register(subparsers) -> None:
                         "the class token globally (0: global attention)")
     g.add_argument("--attn-shift", action="store_true",
                    help="with --attn-window: shift the windows by M/2 on every second block (Swin's SW-MSA)")
-    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--dropout", type=float, default=d.dropout,
+                   help="dropout after the attention projection and in the MLP")
     g.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate of the last block")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--optimizer", choices=("adamw", "sgd", "nesterov"), default=d.optimizer)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    g.add_argument("--optimizer", choices=("adamw", "sgd", "nesterov"), default=d.optimizer,
+                   help="AdamW (decoupled weight decay), SGD with momentum 0.9, or Nesterov SGD")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (after warm-up)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="weight decay (not on norms, biases, tokens, position embedding)")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help="linear warm-up length in epochs (default: 3, or half the run when --epochs is below 6)")
     g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="global gradient-norm clip (0: off)")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="share of the target spread over all classes")
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-padding", type=int, default=d.crop_padding, help="random crop after this much padding")
     g.add_argument("--flip", action="store_true", help="random left-right flips")
     g.add_argument("--randaugment", type=int, default=d.randaugment, help="RandAugment ops per image (0: off)")
-    g.add_argument("--ra-magnitude", type=float, default=d.ra_magnitude)
+    g.add_argument("--ra-magnitude", type=float, default=d.ra_magnitude, help="RandAugment magnitude (0-10)")
     g.add_argument("--mixup", type=float, default=d.mixup, help="Mixup Beta alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=d.cutmix, help="CutMix Beta alpha (0: off)")
     g = p.add_argument_group("DeiT distillation")
     g.add_argument("--teacher", default=None, help="checkpoint of a trained tinyvit teacher; the student gets a "
                                                    "distillation token and head")
-    g.add_argument("--distill-alpha", type=float, default=d.distill_alpha)
+    g.add_argument("--distill-alpha", type=float, default=d.distill_alpha,
+                   help="weight of the distillation head's loss (DeiT: 0.5)")
     g = p.add_argument_group("run")
-    g.add_argument("--backend", choices=("numpy", "cupy"), default=d.backend)
-    g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
+    g.add_argument("--backend", choices=("numpy", "cupy"), default=d.backend, help="array backend")
+    g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="compute dtype")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="matrix products in fp16/bf16 with float32 master weights (fp16: dynamic loss scaling); "
                         "on NumPy for learning (emulated, slower), on CuPy the fast path")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initial weights, data order, augmentation and dropout")
     g.add_argument("--out", default=None, help=f"output folder: checkpoint, history.json, curves.png (default "
                                                f"{d.out}; with --resume, the checkpoint's folder)")
-    g.add_argument("--resume", default=None, help="continue from this checkpoint (with its training config)")
+    g.add_argument("--resume", default=None,
+                   help="continue from this checkpoint with its training config; --epochs, --lr, --min-lr, "
+                        "--eval-every, --max-bad-steps, --blas-threads, --backend, --bucket-mb, --no-overlap may "
+                        "change, other flags that differ are refused")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between test evaluations")
     g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
                    help="stop after this many non-finite steps in a row")
     g.add_argument("--blas-threads", type=int, default=d.blas_threads,
                    help="BLAS threads (default 1: faster for these small matrices; 0: the BLAS default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a folder holding a checkpoint is refused)")
+    g.add_argument("--accept-changed-data", action="store_true",
+                   help="with --resume: continue even though the data split differs from the one the checkpoint "
+                        "was trained on (images added, removed or changed)")
     g = p.add_argument_group("data parallel (mpiexec -n K python -m tinyvit train ...; README: Data parallel)")
     g.add_argument("--bucket-mb", type=float, default=d.bucket_mb,
                    help="send a bucket of gradients once it holds this many MiB (0: one per block)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
                    help="all-reduce only after the whole backward (the baseline)")
+    _defaults_shown(p, d)
     p.set_defaults(func=run_train)
+
+
+def _defaults_shown(parser, d: TrainConfig) -> None:
+    """Every training flag defaults to None on the command line, so ``run_train`` can tell the
+    flags given from the defaults (``--resume`` refuses the ones it cannot apply); the real
+    default goes into the help text."""
+    names = {f.name for f in fields(TrainConfig)}
+    for action in parser._actions:
+        if action.dest not in names:
+            continue
+        default = getattr(d, action.dest)
+        action.default = None
+        if action.help and "default" not in action.help:
+            shown = "the bundled digits" if action.dest == "data" else default
+            action.help += f" (default: {shown})"
