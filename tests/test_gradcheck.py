@@ -314,6 +314,23 @@ def test_command_fails_on_a_failing_case(monkeypatch, capsys):
     assert "FAIL (ValueError: this case cannot be built)" in out
 
 
+def test_command_without_pytorch_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    assert main(["gradcheck", "--layers", "linear,layernorm"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("PyTorch is not installed: the pytorch column is skipped") for line in lines)
+    rows = [line.split() for line in lines if line.split()[:1] in (["linear"], ["layernorm"])]
+    assert [row[4] for row in rows] == ["n/a", "n/a"] and lines[-1] == "2 passed, 0 failed"
+
+
+def test_command_on_cupy_without_a_gpu_says_why(capsys):
+    from tinyvit.backend import cupy_available
+    if cupy_available()[0]:
+        pytest.skip("CuPy runs here: the GPU run is `tinyvit gradcheck --backend cupy`")
+    assert main(["gradcheck", "--backend", "cupy", "--layers", "linear"]) == 1
+    assert "tinyvit gradcheck: error: backend='cupy'" in capsys.readouterr().err
+
+
 def test_command_rejects_unknown_layers(capsys):
     assert main(["gradcheck", "--layers", "linear,flash"]) == 1
     assert "unknown gradcheck case(s) ['flash']" in capsys.readouterr().err

@@ -411,10 +411,13 @@ def _check_torch(report, torch_forward, args, before, grads, names, kwargs, out,
         report.rows.append(_compare(names[i], PYTORCH, to_host(grads[i]), expected, rtol, atol))
 
 
-def assert_backward(forward, backward, args, kwargs=None, **options) -> Report:
+def assert_backward(forward, backward, args, kwargs=None, *, names=None, torch_forward=None, dout=None,
+                    mode="full", eps=1e-6, rtol=None, atol=None, seed=0, directions=2, samples=16) -> Report:
     """:func:`check_backward` with the same arguments; raises ``AssertionError`` carrying the
     report's table when it is not ok, else returns the report."""
-    report = check_backward(forward, backward, args, kwargs, **options)
+    report = check_backward(forward, backward, args, kwargs, names=names, torch_forward=torch_forward, dout=dout,
+                            mode=mode, eps=eps, rtol=rtol, atol=atol, seed=seed, directions=directions,
+                            samples=samples)
     if not report.ok:
         raise AssertionError("the backward does not match its references\n" + str(report))
     return report
