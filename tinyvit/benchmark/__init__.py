@@ -40,6 +40,8 @@ SMOKE_CFG = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, h
 SWEEP_SIZES = {"quick": (64, 128, 224, 320), "full": (64, 128, 224, 320, 448, 640), "smoke": (16, 32)}
 ATTENTION_SIZES = {"quick": (224, 448, 640), "smoke": (16, 32)}  # ViT-Ti/16: N = 197, 785, 1601
 ALL_BACKENDS = ("numpy", "torch-cpu", "cupy", "torch-cuda")
+# whole models only, by name: tinyvit-NumPy without the numba loops / with every reference formula
+EXTRA_BACKENDS = ("numpy-nonumba", "numpy-reference")
 
 
 def _csv(text, cast=str):
@@ -91,9 +93,9 @@ def _run_bench(args) -> int:
     mode = "smoke" if args.smoke else ("full" if args.full else "quick")
     preset = FULL if args.full else QUICK
     backends = _csv(args.backends)
-    bad = [b for b in backends if b not in ALL_BACKENDS]
+    bad = [b for b in backends if b not in ALL_BACKENDS + EXTRA_BACKENDS]
     if bad:
-        raise ValueError(f"unknown backend(s) {bad}; choose from {ALL_BACKENDS}")
+        raise ValueError(f"unknown backend(s) {bad}; choose from {ALL_BACKENDS + EXTRA_BACKENDS}")
     if args.dtype not in ("float32", "float64"):
         raise ValueError(f"--dtype must be float32 or float64, got {args.dtype!r}")
     repeats = args.repeats if args.repeats is not None else (1 if args.smoke else preset["repeats"])
@@ -135,7 +137,8 @@ def _run_bench(args) -> int:
                 for name in layer_names:
                     cfg = SMOKE_CFG if shape_model == "smoke" else None
                     case = layer_bench.Case(name, shape_model, batch, args.dtype, cfg)
-                    results["layers"] += layer_bench.bench_layer(case, backends, repeats, skipped)
+                    results["layers"] += layer_bench.bench_layer(
+                        case, [b for b in backends if b not in EXTRA_BACKENDS], repeats, skipped)
         print("## Layers (forward, backward)\n")
         print(report.layer_table(results["layers"]) + "\n")
         if "cupy" in backends and "cupy" not in skipped:
@@ -146,6 +149,14 @@ def _run_bench(args) -> int:
         else:
             why = skipped.get("cupy", "cupy not asked for")
             print(f"CuPy vs NumPy crossover: not measured ({why})\n")
+
+    # ---- the compiled loops' first call
+    if args.smoke or args.no_jit:
+        print("First call of the compiled loops: not measured (" + ("--smoke" if args.smoke else "--no-jit") + ")\n")
+    else:
+        results["jit"] = jit = first_call_cost()
+        print("## First call of the compiled CPU loops (numba)\n")
+        print(report.jit_table(jit) + "\n")
 
     # ---- whole models
     if model_names:
@@ -209,6 +220,37 @@ def _run_bench(args) -> int:
     return 0
 
 
+_FIRST_CALL = """
+import json, time
+t0 = time.perf_counter()
+from tinyvit.layers import kernels
+t1 = time.perf_counter()
+path = kernels.path()
+t2 = time.perf_counter()
+compile_s = kernels.compile_all()
+print(json.dumps({"path": path, "import_tinyvit_s": t1 - t0, "import_numba_s": t2 - t1, "compile_s": compile_s}))
+"""
+
+
+def first_call_cost() -> dict:
+    """What the first float32 layer call costs a fresh process: numba's import, then compiling every loop
+    with an empty cache (a fresh ``NUMBA_CACHE_DIR``), then the same from the cache in a second process."""
+    import json
+    import subprocess
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for kind in ("cold cache", "warm cache"):
+            run = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True,
+                                 timeout=600)
+            if run.returncode != 0:
+                return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
+            out[kind] = json.loads(run.stdout.strip().splitlines()[-1])
+    return out
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="per-layer and whole-model benchmarks: NumPy/CuPy vs PyTorch",
@@ -222,7 +264,9 @@ def register(subparsers) -> None:
     p.add_argument("--models", help=f"comma list of {sorted(flops.PRESETS)}, or 'none'")
     p.add_argument("--batch", help="comma list of batch sizes (default 8; --full: 1,8,32)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                   help="comma list of numpy, torch-cpu, cupy, torch-cuda (unavailable ones are skipped with the reason)")
+                   help="comma list of numpy, torch-cpu, cupy, torch-cuda (unavailable ones are skipped with the "
+                        "reason); for whole models also numpy-nonumba (TINYVIT_NUMBA=0) and numpy-reference "
+                        "(TINYVIT_FUSED=0)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or float64")
     p.add_argument("--repeats", type=int, help="timed calls per measurement (default 3; --full 5)")
     p.add_argument("--threads", type=int, help="BLAS and PyTorch threads (default: NumPy's BLAS count for both)")
@@ -235,6 +279,8 @@ def register(subparsers) -> None:
     p.add_argument("--windows", help="window sizes M for --attention (comma list; used where M divides the grid; "
                    "default 7,8)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-jit", action="store_true", help="skip timing the first call of the numba loops "
+                   "(two fresh processes: empty cache, then cached)")
     p.add_argument("--json", help="write all results and the machine to this JSON file")
     p.add_argument("--png", help="draw the token sweep to this PNG file")
     p.set_defaults(func=run_bench)

@@ -34,17 +34,38 @@ TOL = {"float32": 1e-4, "float64": 1e-10}
 
 
 @contextmanager
-def fused(on: bool):
-    """Run with the fused kernels on or off (``TINYVIT_FUSED``), restoring the setting after."""
-    old = os.environ.get("TINYVIT_FUSED")
-    os.environ["TINYVIT_FUSED"] = "1" if on else "0"
+def environ(**env):
+    """Run with these environment variables set (``TINYVIT_FUSED``, ``TINYVIT_NUMBA``), restoring them after."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TINYVIT_FUSED", None)
-        else:
-            os.environ["TINYVIT_FUSED"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fused(on: bool):
+    """Run with the fused kernels on or off (``TINYVIT_FUSED``), restoring the setting after."""
+    return environ(TINYVIT_FUSED="1" if on else "0")
+
+
+# the variants that are tinyvit's own layer run with a switch of tinyvit.layers.kernels.path() turned
+ENV_VARIANTS = {"NumPy blocks (no numba)": {"TINYVIT_NUMBA": "0"},
+                "reference (no numba)": {"TINYVIT_FUSED": "0"}}
+
+
+def _with_env(fn, env):
+    if fn is None:
+        return None
+
+    def run(*args):
+        with environ(**env):
+            return fn(*args)
+    return run
 
 
 # ---------------------------------------------------------------- the losing NumPy variants
@@ -158,6 +179,9 @@ class Case:
     # ------------------------------------------------------------ tinyvit
     def tinyvit_fns(self, backend_name: str, variant: str = "tinyvit"):
         """``(forward() -> out, backward() -> dx)`` on a backend; backward reuses one forward's cache."""
+        if variant in ENV_VARIANTS:
+            be, fwd, bwd = self.tinyvit_fns(backend_name)
+            return be, _with_env(fwd, ENV_VARIANTS[variant]), _with_env(bwd, ENV_VARIANTS[variant])
         be = get_backend(backend_name)
         a = {k: be.asarray(v) for k, v in self.inputs.items()}
         dout = be.asarray(self.dout)
@@ -285,9 +309,10 @@ def _rel(a, b):
 FLASH_VARIANT = f"flash (tiles of {DEFAULT_BLOCK})"  # attn_impl="flash": not a loser, the memory-saving choice
 NUMPY_VARIANTS = {
     "linear": ("stacked 3-D matmul",),
-    "gelu": ("reference (plain formula)",),
-    "gelu_tanh": ("reference (plain formula)",),
-    "softmax": ("plain (3 temporaries)",),
+    "layernorm": ("reference (no numba)",),
+    "gelu": ("NumPy blocks (no numba)", "reference (plain formula)"),
+    "gelu_tanh": ("NumPy blocks (no numba)", "reference (plain formula)"),
+    "softmax": ("reference (no numba)", "plain (3 temporaries)"),
     "attention": ("scores by einsum", FLASH_VARIANT),
 }
 

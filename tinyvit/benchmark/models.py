@@ -14,9 +14,12 @@ from ..backend import get_backend
 from ..layers.loss import softmax_cross_entropy
 from ..model import ViTConfig, VisionTransformer
 from . import timing, torch_ref
+from .layers import environ
 
 # Column names: (engine, device). "numpy" and "cupy" are tinyvit; "torch-cpu" and "torch-cuda" PyTorch eager.
 BACKENDS = ("numpy", "torch-cpu", "cupy", "torch-cuda")
+# tinyvit on NumPy with a switch of tinyvit.layers.kernels.path() turned (asked for by name, not run by default)
+NUMPY_ENGINE_VARIANTS = {"numpy-nonumba": {"TINYVIT_NUMBA": "0"}, "numpy-reference": {"TINYVIT_FUSED": "0"}}
 
 # Tolerances of the cross-engine check (max |a - b| / max |b|), by dtype: float32 sums in
 # another order differ by ~1e-6 relative per op, which a 12-block model grows to ~1e-4.
@@ -41,8 +44,9 @@ class Engine:
         y_host = rng.integers(0, config.num_classes, size=batch)
         weights = VisionTransformer.from_config(config, backend="numpy", dtype="float64", seed=seed).state_dict()
         self.xp = None
-        if backend in ("numpy", "cupy"):
-            self.backend = get_backend(backend)
+        self.env = NUMPY_ENGINE_VARIANTS.get(backend)
+        if backend in ("numpy", "cupy") or self.env:
+            self.backend = get_backend("numpy" if self.env else backend)
             self.model = VisionTransformer.from_config(config, backend=self.backend, dtype=dtype, seed=seed)
             self.model.load_state_dict(weights)
             self.x = self.backend.asarray(x_host, dtype=dtype)
@@ -61,6 +65,12 @@ class Engine:
     # ---------------------------------------------------------------- the timed calls
     def train_step(self):
         """Forward, loss, backward; the gradients stay in ``model.grads`` / ``param.grad``."""
+        if self.env:
+            with environ(**self.env):
+                return self._train_step()
+        return self._train_step()
+
+    def _train_step(self):
         if hasattr(self, "model"):
             logits = self.model.forward(self.x, train=True)
             loss, dlogits = softmax_cross_entropy(logits, self.y)
@@ -74,6 +84,12 @@ class Engine:
         return loss
 
     def inference(self):
+        if self.env:
+            with environ(**self.env):
+                return self._inference()
+        return self._inference()
+
+    def _inference(self):
         if hasattr(self, "model"):
             return self.model.forward(self.x, train=False, keep_cache=False)  # as torch.no_grad()
         with self.torch.no_grad():
@@ -101,7 +117,7 @@ class Engine:
 
     def peak_bytes(self) -> int:
         self.clear()
-        if self.name == "numpy":
+        if self.name == "numpy" or self.env:
             return timing.numpy_peak_bytes(self.train_step)
         if self.name == "cupy":
             return timing.cupy_peak_bytes(self.train_step, self.xp)
@@ -173,7 +189,7 @@ def bench_model(model, batch: int, dtype: str, backends, repeats: int, peak_flop
             row = {"model": name, "batch": batch, "dtype": dtype, "kind": kind, "backend": e, **t.to_dict(),
                    "images_per_s": batch / t.median, "gflops": flop_count / t.median / 1e9,
                    "check_rel_err": errors.get(e)}
-            if peak_flops and e in ("numpy", "torch-cpu"):
+            if peak_flops and (e in ("numpy", "torch-cpu") or e in NUMPY_ENGINE_VARIANTS):
                 row["fraction_of_peak"] = flop_count / t.median / peak_flops
             rows.append(row)
     if memory:
@@ -184,7 +200,8 @@ def bench_model(model, batch: int, dtype: str, backends, repeats: int, peak_flop
                     row["peak_bytes"] = peak
     result = {"rows": rows, "skipped": skipped, "flops": {"train": step_flops, "infer": infer_flops}}
     if split:
-        result["split"] = {e: layer_split(engines[e]) for e in engines if e in ("numpy", "torch-cpu")}
+        result["split"] = {e: layer_split(engines[e]) for e in engines
+                           if e in ("numpy", "torch-cpu") or e in NUMPY_ENGINE_VARIANTS}
     return result
 
 
@@ -220,7 +237,7 @@ def layer_split(engine) -> dict:
     """Seconds of one training step per layer kind, from a profiler (cProfile / torch.profiler)."""
     engine.train_step()
     out = {}
-    if engine.name == "numpy":
+    if engine.name == "numpy" or engine.env:
         prof = cProfile.Profile()
         prof.enable()
         engine.train_step()

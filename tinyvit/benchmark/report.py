@@ -186,3 +186,15 @@ def attention_table(rows) -> str:
                      f"{_ms(r['median_s'])} ms ({_ms(r['min_s'])}-{_ms(r['max_s'])}) | "
                      f"{r['time_vs_plain']:.2f}x | {peak} | {mem} | {r['train_gflop']:.3g} |")
     return "\n".join(lines)
+
+
+def jit_table(jit: dict) -> str:
+    """The first call of the compiled loops in a fresh process, with and without numba's disk cache."""
+    if "error" in jit:
+        return f"not measured: {jit['error']}"
+    lines = ["| numba cache | CPU path | import tinyvit s | import numba s | compile or load every loop s |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for kind, r in jit.items():
+        lines.append(f"| {kind} | {r['path']} | {r['import_tinyvit_s']:.2f} | {r['import_numba_s']:.2f} | "
+                     f"{r['compile_s']:.2f} |")
+    return "\n".join(lines)
