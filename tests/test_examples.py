@@ -34,6 +34,7 @@ PICTURES = {
     "07_vit_vs_cnn.py": ["07_vit_vs_cnn.png", "07_vit_attention.png"],
     "08_bring_your_own_layer.py": ["08_gradcheck.png"],
     "12_data_parallel.py": ["12_data_parallel.png"],
+    "14_cpu_kernels.py": ["14_cpu_kernels.png"],
 }
 
 

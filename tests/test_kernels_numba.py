@@ -215,3 +215,35 @@ def test_info_says_which_path_runs(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert "CPU kernels (float32): numba" in text
+
+
+def test_a_busy_pool_thread_never_holds_the_caller_up(monkeypatch):
+    """Chunks go to whichever thread is free: with the pool's only thread blocked, the caller does all of
+    them and returns (a fixed split would wait for the blocked thread)."""
+    import threading
+
+    monkeypatch.setenv("TINYVIT_THREADS", "2")
+    release = threading.Event()
+    blocker = kernels._pool(1).submit(release.wait, 30)
+    try:
+        x, _ = _data((4, kernels.MIN_ELEMENTS))  # several chunks
+        out = kernels.gelu_forward(x, "none")
+        assert not blocker.done()  # the pool thread was blocked all along
+    finally:
+        release.set()
+        blocker.result()
+    np.testing.assert_array_equal(out, kernels.gelu_forward(x, "none"))
+
+
+def test_an_error_in_a_chunk_reaches_the_caller(monkeypatch):
+    monkeypatch.setenv("TINYVIT_THREADS", "2")
+    seen = []
+
+    def loop(lo, hi):
+        seen.append((lo, hi))
+        if lo == 0:
+            raise FloatingPointError("chunk 0 failed")
+
+    with pytest.raises(FloatingPointError, match="chunk 0"):
+        kernels._share(loop, (), 100, 10)
+    assert sorted(seen)[0] == (0, 10)

@@ -40,8 +40,10 @@ the reference.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -185,20 +187,64 @@ def _for_blocks(blocks, work) -> None:
         future.result()
 
 
-MIN_ELEMENTS = 1 << 15  # the least work worth a thread of its own: ~10 us of GELU (a hand-off costs ~20 us)
+MIN_ELEMENTS = 1 << 15  # elements per chunk of work: ~10 us of GELU, against ~2 us to hand a chunk out
+MAX_CHUNKS = 64  # larger arrays get larger chunks
+
+
+class _Chunks:
+    """``loop(*args, lo, hi)`` over ``[0, total)`` in chunks that whichever thread is free takes next.
+
+    Dynamic, not one fixed part per thread: on a busy machine a pool thread may not be scheduled for
+    a whole time slice (ms), and a fixed split would make the caller wait for it; here the caller
+    simply takes the chunks that thread has not started. A chunk is run by exactly one thread, and a
+    chunk's result does not depend on which, so the output does not either.
+    """
+
+    def __init__(self, loop, args, total: int, chunk: int):
+        self.loop, self.args = loop, args
+        self.bounds = list(range(0, total, chunk)) + [total]
+        self.claim = itertools.count()  # next(...) is atomic under the GIL
+        self.left = len(self.bounds) - 1
+        self.error = None
+        self.done = threading.Condition()
+
+    def run(self) -> None:
+        n, ran = len(self.bounds) - 1, 0
+        try:
+            while (i := next(self.claim)) < n:
+                ran += 1
+                self.loop(*self.args, self.bounds[i], self.bounds[i + 1])
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+            self.error = exc
+        finally:
+            if ran:
+                with self.done:
+                    self.left -= ran
+                    self.done.notify_all()
+
+    def wait(self) -> None:
+        with self.done:
+            while self.left:
+                self.done.wait()
+        if self.error is not None:
+            raise self.error
 
 
 def _share(loop, args, total: int, min_per_part: int) -> None:
-    """Run ``loop(*args, lo, hi)`` over ``[0, total)`` split in contiguous parts, one per thread.
-
-    The calling thread runs the first part itself; the pool's threads the others.
-    """
-    n = max(1, min(threads(), total // max(min_per_part, 1)))
-    bounds = [total * i // n for i in range(n + 1)]
-    futures = [_pool(n - 1).submit(loop, *args, bounds[i], bounds[i + 1]) for i in range(1, n)] if n > 1 else []
-    loop(*args, bounds[0], bounds[1])
-    for future in futures:
-        future.result()
+    """Run ``loop(*args, lo, hi)`` over ``[0, total)`` on the calling thread and up to ``threads() - 1``
+    pool threads, in chunks of at least ``min_per_part`` (see :class:`_Chunks`)."""
+    workers = threads()
+    chunk = max(min_per_part, 1, -(-total // MAX_CHUNKS))
+    if workers <= 1 or total <= chunk:
+        loop(*args, 0, total)
+        return
+    work = _Chunks(loop, args, total, chunk)
+    helpers = min(workers - 1, len(work.bounds) - 2)
+    pool = _pool(workers - 1)
+    for _ in range(helpers):
+        pool.submit(work.run)
+    work.run()
+    work.wait()
 
 
 def _erfc_abs_times(x, t, e, out):
