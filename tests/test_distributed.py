@@ -178,6 +178,27 @@ def test_nccl_missing_is_a_clear_error(monkeypatch):
         nccl_module()
 
 
+def test_started_by_mpiexec_without_mpi4py_is_a_clear_error(monkeypatch):
+    from tinyvit.distributed import world
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(DistributedError, match=r"2 processes, but mpi4py is not installed.*tinyvit\[mpi\]"):
+        world("numpy")
+    monkeypatch.setenv("PMI_SIZE", "1")
+    assert isinstance(world("numpy"), SingleProcess)
+
+
+def test_ranks_on_one_machine_share_its_cores(monkeypatch):
+    from tinyvit.distributed.comm import share_cores
+    monkeypatch.delenv("TINYVIT_THREADS", raising=False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert share_cores(EchoComm(2)) == 4 and os.environ["TINYVIT_THREADS"] == "4"
+    assert share_cores(EchoComm(2)) == 0, "a TINYVIT_THREADS already set is left alone"
+    monkeypatch.delenv("TINYVIT_THREADS")
+    assert share_cores(SingleProcess()) == 0 and "TINYVIT_THREADS" not in os.environ
+
+
 # ---------------------------------------------------------------- mpiexec -n 2
 def _mpiexec():
     scripts = Path(sysconfig.get_path("scripts"))

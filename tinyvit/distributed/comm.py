@@ -39,6 +39,15 @@ def launched_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher numbered it (0 when not started by one), before MPI starts."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 0
+
+
 def local_rank() -> int:
     """This process's index among the ranks on its machine (picks its GPU)."""
     for name in _LOCAL_RANK_VARS:

@@ -47,7 +47,7 @@ from ..pretrained.preprocess import Preprocessing
 from .optim import build_optimizer, clip_grad_norm, grad_global_norm, warmup_cosine
 from .randomness import SampleRandom, sample_generator
 from ..distributed import DEFAULT_BUCKET_MB, DistributedError, GradientAllReduce, SingleProcess, check_start, world
-from ..distributed.comm import share_cores
+from ..distributed.comm import launched_rank, share_cores
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -352,27 +352,27 @@ def train(cfg: TrainConfig, resume=None, progress: bool = True, on_step=None, st
         raise
 
 
-def _fingerprint(cfg, train_set, resume) -> dict:
-    """What every rank must agree on before the first step: the config, the data, the resume file."""
+def _weights_crc32(model) -> int:
     import zlib
 
-    flat = train_set.images.reshape(-1)
-    sample = np.ascontiguousarray(flat[::max(1, flat.size // 100_000)])  # a cheap look at the pixels
-    return {**asdict(cfg), "resume": None if resume is None else os.path.abspath(resume),
-            "train_images": int(len(train_set.labels)), "image_shape": list(train_set.images.shape[1:]),
-            "data_crc32": zlib.crc32(np.ascontiguousarray(train_set.labels).tobytes()) ^ zlib.crc32(sample.tobytes())}
+    digest = 0
+    for value in model.state_dict().values():
+        digest = zlib.crc32(np.ascontiguousarray(value).tobytes(), digest)
+    return digest
+
+
+def _fingerprint(cfg, data_record: dict, model, step) -> dict:
+    """What every rank must agree on before the first step: the config, the data, the weights and step it starts from
+    (a fresh init, or the checkpoint it resumed)."""
+    return {**asdict(cfg), **{f"data {k}": v for k, v in data_record.items()}, "start_step": int(step),
+            "weights_crc32": _weights_crc32(model)}
 
 
 def _ranks_agree(comm, model) -> bool:
     """True if every rank holds bit-identical weights (K = 1: trivially)."""
     if comm.size == 1:
         return True
-    import zlib
-
-    digest = 0
-    for value in model.state_dict().values():
-        digest = zlib.crc32(np.ascontiguousarray(value).tobytes(), digest)
-    digests = comm.gather_object(digest)
+    digests = comm.gather_object(_weights_crc32(model))
     return bool(comm.bcast_object(None if digests is None else len(set(digests)) == 1))
 
 
@@ -423,12 +423,6 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started, overwrite=
         ckpt = load_checkpoint(resume)
         _check_same_data(resume, ckpt.meta.get("data"), data_record, accept_changed_data)
 
-    check_start(comm, _fingerprint(cfg, train_set, resume), cfg.batch_size)
-    started.append(True)
-    lead = comm.rank == 0  # rank 0 alone prints and writes
-    share = cfg.batch_size // comm.size
-    positions = np.arange(comm.rank * share, (comm.rank + 1) * share)  # this rank's places in every global batch
-    reducer = GradientAllReduce(comm, cfg.bucket_mb, cfg.overlap)
     history = {"step_loss": [], "epoch": [], "train_loss": [], "train_acc": [], "test_acc": []}
     step = 0
     scaler = DynamicLossScaler(enabled=cfg.precision == "fp16")  # bf16 and fp32 need no loss scale
@@ -441,9 +435,17 @@ def _train(cfg, resume, progress, on_step, stop_after, comm, started, overwrite=
         history = extra.get("history", history) if isinstance(extra, dict) else history
         if isinstance(extra, dict) and "loss_scaler" in extra:
             scaler.load_state_dict(extra["loss_scaler"])
+    last_saved = step if ckpt is not None and continuing else None
+
+    # every rank: the same config, data, starting weights and step, or all stop here with one message
+    check_start(comm, _fingerprint(cfg, data_record, model, step), cfg.batch_size)
+    started.append(True)
+    lead = comm.rank == 0  # rank 0 alone prints and writes
+    share = cfg.batch_size // comm.size
+    positions = np.arange(comm.rank * share, (comm.rank + 1) * share)  # this rank's places in every global batch
+    reducer = GradientAllReduce(comm, cfg.bucket_mb, cfg.overlap)
     if lead:
         os.makedirs(cfg.out, exist_ok=True)
-    last_saved = step if ckpt is not None and continuing else None
 
     def save(at_step):
         nonlocal last_saved
@@ -681,7 +683,12 @@ def run_train(args) -> int:
         cfg = TrainConfig(**given)
         if args.teacher is not None and args.pool is None:
             cfg.pool = "cls"
-    comm = world(cfg.backend)  # mpiexec -n K: MPI (NumPy) or NCCL (CuPy); otherwise one process
+    try:
+        comm = world(cfg.backend)  # mpiexec -n K: MPI (NumPy) or NCCL (CuPy); otherwise one process
+    except DistributedError as exc:  # e.g. mpi4py or NCCL missing: every rank fails alike, rank 0 says it
+        if launched_rank() == 0:
+            print(f"tinyvit train: error: {exc}", file=sys.stderr)
+        return 1
     lead = comm.rank == 0
     share_cores(comm)  # K ranks on one machine: each its share of the cores for the CPU kernels
     if resume is not None and lead:
