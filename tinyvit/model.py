@@ -29,7 +29,7 @@ import numpy as np
 
 from .backend import Backend, array_module, check_dtype_name, get_backend, is_backend_array, to_host
 from .layers.block import BLOCK_KEYS, WINDOW_KEYS, block_backward, block_forward
-from .layers.dropout import dropout_backward, dropout_forward
+from .layers.dropout import dropout_backward, dropout_forward, patch_dropout_backward, patch_dropout_forward
 from .layers.flash_attention import DEFAULT_BLOCK, check_block, flash_probabilities
 from .layers.window_attention import WindowSpec, check_window, window_probabilities
 from .layers.gelu import APPROXIMATIONS
@@ -40,6 +40,8 @@ from .layers.patch_embed import patch_embed_backward, patch_embed_forward
 from .layers.precision import check_precision_supported
 from .layers.rope import (DEFAULT_THETA, ROPE_KINDS, rope_angles_backward, rope_angles_forward, rope_axial_freqs,
                           rope_mixed_freqs, rope_positions)
+from .layers.tome import (WeightedPoolCache, tome_max_r, tome_token_counts, weighted_mean_pool_backward,
+                          weighted_mean_pool_forward)
 from .layers.tokens import (add_pos_embed_backward, add_pos_embed_forward, fixed_pos_embed, prepend_tokens_backward,
                      prepend_tokens_forward)
 
@@ -102,6 +104,9 @@ class ViTConfig:
     rope_theta: float | None = None  # 2D RoPE frequency base; None: the paper's (100 axial, 10 mixed)
     attn_window: int = 0  # M > 0: patch tokens attend within M x M windows of the grid (Swin); 0: global
     attn_shift: bool = False  # windows shifted by M // 2 on every second block, with Swin's mask
+    tome_r: int = 0  # ToMe: tokens merged in every block (0: none; docs/tome.md)
+    patch_drop_rate: float = 0.0  # PatchDropout in training: this share of the patch tokens dropped (timm's rule)
+    block_heads: tuple | None = None  # heads of each block after pruning (None: `heads` everywhere); hs stays D/NH
 
     def __post_init__(self):
         size = self.image_size
@@ -122,7 +127,7 @@ class ViTConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}); "
                              f"valid head counts for dim {self.dim}: "
                              f"{[h for h in range(1, min(self.dim, 64) + 1) if self.dim % h == 0]}")
-        for name in ("dropout", "emb_dropout", "attn_dropout", "drop_path_rate"):
+        for name in ("dropout", "emb_dropout", "attn_dropout", "drop_path_rate", "patch_drop_rate"):
             _check_rate(name, getattr(self, name))
         for name in ("norm_first", "distilled", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
@@ -143,6 +148,26 @@ class ViTConfig:
             raise ValueError(f"layer_norm_eps must be a finite float > 0, got {eps!r}")
         if self.distilled and self.pool != "cls":
             raise ValueError("distilled=True needs pool='cls' (the distillation head reads its own token)")
+        _check_int("tome_r", self.tome_r, minimum=0)
+        if self.tome_r:
+            largest = tome_max_r(self.num_tokens, self.num_prefix_tokens, self.depth)
+            if self.tome_r > largest:
+                counts = [self.num_tokens] + tome_token_counts(self.num_tokens, self.tome_r, self.depth)
+                block = next(i for i in range(self.depth)
+                             if self.tome_r > (counts[i] - self.num_prefix_tokens) // 2)
+                raise ValueError(
+                    f"tome_r={self.tome_r} merges more than half of the tokens of block {block}, which sees "
+                    f"{counts[block]} tokens ({self.num_prefix_tokens} prefix); the largest tome_r for this "
+                    f"{self.depth}-block model with {self.num_tokens} tokens is {largest}")
+        if self.block_heads is not None:
+            heads = self.block_heads
+            if not isinstance(heads, (tuple, list)) or len(heads) != self.depth:
+                raise ValueError(f"block_heads must list the heads of each of the {self.depth} blocks, got {heads!r}")
+            for i, h in enumerate(heads):
+                if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 1 <= h <= self.heads:
+                    raise ValueError(f"block_heads[{i}] must be an int in [1, heads={self.heads}] (a block keeps at "
+                                     f"least one head), got {h!r}")
+            object.__setattr__(self, "block_heads", tuple(int(h) for h in heads))
         if self.pos_embed == "sincos1d" and self.dim % 2:
             raise ValueError(f"pos_embed='sincos1d' needs an even dim, got {self.dim}")
         if self.pos_embed == "sincos2d" and self.dim % 4:
@@ -160,6 +185,24 @@ class ViTConfig:
             object.__setattr__(self, "rope_theta", float(theta))
         elif self.rope_theta is not None:
             raise ValueError(f"rope_theta is for pos_embed='rope_axial' or 'rope_mixed', not {self.pos_embed!r}")
+        if self.pos_embed in ROPE_KINDS:  # RoPE turns q and k by each patch's grid position
+            for name, on, why in (("tome_r", self.tome_r, "a merged token has no one grid position"),
+                                  ("patch_drop_rate", self.patch_drop_rate, "not built for RoPE's angle tables"),
+                                  ("block_heads", self.block_heads is not None and self.pos_embed == "rope_mixed",
+                                   "rope.freqs has one row per head of every block")):
+                if on:
+                    raise ValueError(f"{name} is not supported with pos_embed={self.pos_embed!r} ({why}); "
+                                     f"use a learned or sin-cos position embedding")
+        if self.tome_r and self.attn_impl != "plain":
+            raise ValueError(f"tome_r needs attn_impl='plain' (ToMe reads the keys and adds log(size) to the "
+                             f"scores), got attn_impl={self.attn_impl!r}")
+        if self.attn_window:  # windows are cut from the patch grid, one window's heads share one bias table
+            for name, on in (("tome_r", self.tome_r), ("patch_drop_rate", self.patch_drop_rate),
+                             ("block_heads", self.block_heads is not None)):
+                if on:
+                    raise ValueError(f"{name} is not supported with windowed attention (attn_window="
+                                     f"{self.attn_window}): windows need every patch at its grid place"
+                                     + (" and one bias column per head" if name == "block_heads" else ""))
 
     @property
     def grid(self) -> tuple:
@@ -190,6 +233,19 @@ class ViTConfig:
         shift = self.attn_window // 2 if self.attn_shift and block % 2 == 1 else 0
         return WindowSpec(self.grid, self.num_prefix_tokens, self.attn_window, shift)
 
+    def heads_of(self, block: int) -> int:
+        """Heads of block ``block`` (fewer than ``heads`` after pruning)."""
+        return self.heads if self.block_heads is None else self.block_heads[block]
+
+    @property
+    def head_size(self) -> int:
+        """hs = D / NH, the same in every block (pruning removes heads, not head width)."""
+        return self.dim // self.heads
+
+    def token_counts(self) -> list:
+        """Tokens entering the blocks and leaving each (ToMe: ``N, N - r, ..., N - depth r``; in evaluation)."""
+        return [self.num_tokens] + tome_token_counts(self.num_tokens, self.tome_r, self.depth)
+
     def drop_path_rates(self) -> list:
         """Per-block stochastic-depth rates, linear from 0 to ``drop_path_rate`` (timm's rule)."""
         if self.depth == 1:
@@ -199,6 +255,8 @@ class ViTConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image_size"] = list(self.image_size)
+        if d["block_heads"] is not None:
+            d["block_heads"] = list(d["block_heads"])
         return d
 
 
@@ -214,17 +272,18 @@ def param_shapes(config: ViTConfig) -> dict:
         shapes["rope.freqs"] = (2, c.depth, c.heads, c.dim // c.heads // 2)
     shapes["patch_embed.proj.weight"] = (c.dim, c.channels, c.patch_size, c.patch_size)
     shapes["patch_embed.proj.bias"] = (c.dim,)
-    block_shapes = {
-        "norm1.weight": (c.dim,), "norm1.bias": (c.dim,),
-        "attn.qkv.weight": (3 * c.dim, c.dim), "attn.qkv.bias": (3 * c.dim,),
-        "attn.proj.weight": (c.dim, c.dim), "attn.proj.bias": (c.dim,),
-        "norm2.weight": (c.dim,), "norm2.bias": (c.dim,),
-        "mlp.fc1.weight": (c.mlp_dim, c.dim), "mlp.fc1.bias": (c.mlp_dim,),
-        "mlp.fc2.weight": (c.dim, c.mlp_dim), "mlp.fc2.bias": (c.dim,),
-    }
-    if c.attn_window:
-        block_shapes["attn.relative_position_bias_table"] = ((2 * c.attn_window - 1) ** 2, c.heads)  # Swin's
     for i in range(c.depth):
+        inner = c.heads_of(i) * c.head_size  # D, or fewer after pruning heads
+        block_shapes = {
+            "norm1.weight": (c.dim,), "norm1.bias": (c.dim,),
+            "attn.qkv.weight": (3 * inner, c.dim), "attn.qkv.bias": (3 * inner,),
+            "attn.proj.weight": (c.dim, inner), "attn.proj.bias": (c.dim,),
+            "norm2.weight": (c.dim,), "norm2.bias": (c.dim,),
+            "mlp.fc1.weight": (c.mlp_dim, c.dim), "mlp.fc1.bias": (c.mlp_dim,),
+            "mlp.fc2.weight": (c.dim, c.mlp_dim), "mlp.fc2.bias": (c.dim,),
+        }
+        if c.attn_window:
+            block_shapes["attn.relative_position_bias_table"] = ((2 * c.attn_window - 1) ** 2, c.heads)  # Swin's
         for key in BLOCK_KEYS + WINDOW_KEYS:
             if (key == "attn.qkv.bias" and not c.qkv_bias) or key not in block_shapes:
                 continue
@@ -291,6 +350,7 @@ class ForwardCache(NamedTuple):
     pools: tuple  # PoolCache per head: (cls,) or (cls, dist)
     heads: tuple  # LinearCache per head
     rope: object = None  # RopeAnglesCache of a rope_mixed model (its frequencies get a gradient)
+    patch_drop: object = None  # PatchDropoutCache (training with patch_drop_rate)
 
 
 class VisionTransformer:
@@ -320,12 +380,13 @@ class VisionTransformer:
                  layer_norm_eps=1e-6, backend=None, dtype="float32", seed=0, *, attn_dropout=0.0,
                  drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True,
                  attn_impl="plain", attn_block=DEFAULT_BLOCK, rope_theta=None, attn_window=0, attn_shift=False,
-                 precision="fp32"):
+                 precision="fp32", tome_r=0, patch_drop_rate=0.0, block_heads=None):
         self.config = ViTConfig(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels,
                                 dropout, emb_dropout, attn_dropout, drop_path_rate, norm_first, pool,
                                 layer_norm_eps, gelu, pos_embed, distilled, qkv_bias, attn_impl=attn_impl,
                                 attn_block=attn_block, rope_theta=rope_theta, attn_window=attn_window,
-                                attn_shift=attn_shift)
+                                attn_shift=attn_shift, tome_r=tome_r, patch_drop_rate=patch_drop_rate,
+                                block_heads=block_heads)
         self.backend: Backend = get_backend(backend)
         self.dtype = check_dtype_name(dtype)
         self.precision = precision
@@ -348,6 +409,35 @@ class VisionTransformer:
         self._cache: ForwardCache | None = None
         self.labels: list | None = None  # class names, when known (a trained or loaded model's)
         self.preprocessing = None  # how images become its input (tinyvit.pretrained.preprocess.Preprocessing)
+        self.head_gates: dict = {}  # {block: (NH_block,) gate}: see set_head_gates
+        self.gate_grads: dict = {}  # {block: (NH_block,)}: dL/dgate after backward, for the gated blocks
+
+    def set_tome(self, r: int) -> None:
+        """Token merging on (``r`` tokens per block) or off (0), on this model as it is: a trained
+        model needs no retraining (ToMe's off-the-shelf use). Raises if ``r`` is too large."""
+        import dataclasses
+
+        self.config = dataclasses.replace(self.config, tome_r=r)
+        self._cache = None
+
+    def set_head_gates(self, gates: dict | None) -> None:
+        """Gate each head's output: ``{block: gates (NH_block,)}`` (e.g. ``{2: [1, 0, 1, 1]}`` switches
+        head 1 of block 2 off); ``None`` or ``{}`` removes every gate. After a backward,
+        ``gate_grads[block]`` holds dL/dgate (Michel et al.'s head importance). All or nothing."""
+        new = {}
+        for block, gate in (gates or {}).items():
+            if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 0 <= block < self.config.depth:
+                raise ValueError(f"head gate on block {block!r}, but the model has {self.config.depth} blocks "
+                                 f"(0 to {self.config.depth - 1})")
+            host = to_host(gate) if is_backend_array(gate) else np.asarray(gate, dtype=np.float64)
+            heads = self.config.heads_of(int(block))
+            if host.shape != (heads,) or not np.all(np.isfinite(host)):
+                raise ValueError(f"head gate of block {block} must be {heads} finite numbers (one per head), "
+                                 f"got shape {host.shape}")
+            new[int(block)] = self.backend.asarray(host, dtype=self.dtype)
+        self.head_gates = new
+        self.gate_grads = {}
+        self._cache = None
 
     @property
     def precision(self) -> str:
@@ -472,18 +562,23 @@ class VisionTransformer:
         if c.pos_embed not in ROPE_KINDS:  # RoPE adds nothing here: it turns q and k inside attention
             x, _ = add_pos_embed_forward(x, p["pos_embed"] if c.pos_embed == "learned" else self._fixed_pos)
         x, emb_cache = dropout_forward(x, c.emb_dropout, train, rng, masks.get("emb"))
+        x, patch_drop_cache = patch_dropout_forward(x, c.patch_drop_rate, train, c.num_prefix_tokens, rng,
+                                                    masks.get("patch_drop"))  # (B, T + K, D)
 
         block_caches = []
         rope_cache = None
+        size = None  # ToMe's token sizes (B, N, 1); None while nothing is merged
         for i, drop_path in enumerate(c.drop_path_rates()):
             angles = self._rope_angles  # (1, Np, hs/2) axial, None without RoPE
             if c.pos_embed == "rope_mixed":  # this block's learned frequencies -> (NH, Np, hs/2)
                 angles, rope_cache = rope_angles_forward(p["rope.freqs"][:, i], self._rope_pos)
             x, block_cache = block_forward(
-                x, self._block_params(i), c.heads, c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
+                x, self._block_params(i), c.heads_of(i), c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
                 drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"), attn_impl=c.attn_impl,
                 attn_block=c.attn_block, rope_angles=angles, num_prefix=c.num_prefix_tokens,
-                precision=lowp, window=c.window_spec(i))  # (B, N, D)
+                precision=lowp, window=c.window_spec(i), tome_r=c.tome_r, size=size,
+                head_gate=self.head_gates.get(i))  # (B, N, D) -> (B, N - r, D)
+            size = block_cache.size
             if keep_cache:
                 block_caches.append(block_cache)
 
@@ -492,7 +587,10 @@ class VisionTransformer:
             x, norm_cache = layernorm_forward(x, norm_w, norm_b, c.layer_norm_eps)  # (B, N, D)
             pooled = [token_pool_forward(x, i) for i in range(c.num_prefix_tokens)]  # (B, D) each
         else:
-            pooled, pool_cache = mean_pool_forward(x, c.num_prefix_tokens)  # (B, D)
+            if size is None:
+                pooled, pool_cache = mean_pool_forward(x, c.num_prefix_tokens)  # (B, D)
+            else:  # merged tokens: each weighted by the patches it stands for
+                pooled, pool_cache = weighted_mean_pool_forward(x, size, c.num_prefix_tokens)  # (B, D)
             pooled, norm_cache = layernorm_forward(pooled, norm_w, norm_b, c.layer_norm_eps)
             pooled = [(pooled, pool_cache)]
         head_names = ("head", "head_dist")[: len(pooled)]
@@ -500,7 +598,8 @@ class VisionTransformer:
 
         if keep_cache:
             self._cache = ForwardCache(batch, patch_cache, prefix_cache, emb_cache, block_caches, norm_cache,
-                                       tuple(pc for _, pc in pooled), tuple(lc for _, lc in logits), rope_cache)
+                                       tuple(pc for _, pc in pooled), tuple(lc for _, lc in logits), rope_cache,
+                                       patch_drop_cache)
         cls_logits = logits[0][0]  # (B, K)
         dist_logits = logits[1][0] if len(logits) > 1 else None
         return cls_logits, dist_logits
@@ -571,10 +670,14 @@ class VisionTransformer:
             dx, g[f"{norm}.weight"], g[f"{norm}.bias"] = layernorm_backward(dx, cache.final_norm)
         else:
             dv, g[f"{norm}.weight"], g[f"{norm}.bias"] = layernorm_backward(dpooled[0], cache.final_norm)  # (B, D)
-            dx = pool_backward(dv, cache.pools[0])  # (B, N, D)
+            if isinstance(cache.pools[0], WeightedPoolCache):
+                dx = weighted_mean_pool_backward(dv, cache.pools[0])  # (B, N, D)
+            else:
+                dx = pool_backward(dv, cache.pools[0])  # (B, N, D)
         ready(dict(g))  # the heads and the final norm
 
         dfreqs = [None] * c.depth
+        gate_grads = {}
         for i in reversed(range(c.depth)):
             dx, block_grads = block_backward(dx, cache.blocks[i])  # (B, N, D)
             if not keep_cache:
@@ -582,10 +685,13 @@ class VisionTransformer:
             dangles = block_grads.pop("attn.rope_angles", None)  # (NH, Np, hs/2) under RoPE
             if c.pos_embed == "rope_mixed":
                 dfreqs[i] = rope_angles_backward(dangles, cache.rope)  # (2, NH, hs/2)
+            if "attn.head_gate" in block_grads:
+                gate_grads[i] = block_grads.pop("attn.head_gate")
             named = {f"blocks.{i}.{key}": value for key, value in block_grads.items() if value is not None}
             g.update(named)
             ready(named)  # this block's gradients are final
 
+        dx = patch_dropout_backward(dx, cache.patch_drop)  # (B, T + K, D) -> (B, N, D)
         dx = dropout_backward(dx, cache.emb_dropout)
         if c.pos_embed == "learned":
             dx, g["pos_embed"] = add_pos_embed_backward(dx)  # (B, N, D), (1, N, D)
@@ -598,6 +704,7 @@ class VisionTransformer:
         dx, g["patch_embed.proj.weight"], g["patch_embed.proj.bias"] = patch_embed_backward(dx, cache.patch_embed)
         ready({k: v for k, v in g.items() if k not in sent})  # the embeddings (and RoPE's frequencies)
         self.grads = {k: g[k] for k in p}  # same keys and order as params
+        self.gate_grads = gate_grads
         if not keep_cache:
             self._cache = None
         return dx  # (B, C, H, W)

@@ -21,9 +21,11 @@ import numpy as np
 from ..layers import kernels
 from ..layers.attention import attention_backward, attention_forward, softmax_backward, softmax_forward
 from ..layers.block import BLOCK_KEYS, BlockMasks, block_backward, block_forward
-from ..layers.dropout import drop_path_backward, drop_path_forward, dropout_backward, dropout_forward
+from ..layers.dropout import drop_path_backward, drop_path_forward, dropout_backward, dropout_forward, \
+    patch_dropout_backward, patch_dropout_forward
 from ..layers.flash_attention import draw_dropout_seed, dropout_keep_mask, flash_attention_backward, \
     flash_attention_forward, flash_core_backward, flash_core_forward
+from ..layers.gates import head_gate_backward, head_gate_forward
 from ..layers.gelu import gelu_backward, gelu_forward
 from ..layers.head import mean_pool_forward, pool_backward, token_pool_forward
 from ..layers.layernorm import layernorm_backward, layernorm_forward
@@ -32,6 +34,8 @@ from ..layers.loss import cross_entropy_backward, cross_entropy_forward
 from ..layers.mlp import mlp_backward, mlp_forward
 from ..layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
 from ..layers.rope import rope_angles_backward, rope_angles_forward, rope_backward, rope_forward, rope_positions
+from ..layers.tome import tome_match, tome_merge_backward, tome_merge_forward, weighted_mean_pool_backward, \
+    weighted_mean_pool_forward
 from ..layers.window_attention import (WindowSpec, relative_bias_backward, relative_bias_forward,
                                        relative_position_index, shift_mask, window_attention_backward,
                                        window_attention_forward, window_core_backward, window_core_forward,
@@ -386,6 +390,63 @@ def _rope_angles(backend, dtype):
                 args=[r(2, NH, 4)], names=["freqs"], torch_forward=torch_forward)
 
 
+def _patch_dropout(backend, dtype):
+    """PatchDropout, timm's rule: class token kept, 3 of 6 patches chosen by argsort of fixed noise."""
+    r = _rand(backend, dtype, 22)
+    noise = backend.asarray(r.host.random((B, 6)), dtype=dtype)
+
+    def torch_forward(x):  # timm's PatchDropout.forward with the same noise
+        torch = _torch()
+        keep = torch.argsort(_t(noise), dim=-1)[:, :3]
+        patches = x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :1], patches], dim=1)
+
+    return dict(forward=lambda x: patch_dropout_forward(x, 0.5, True, 1, noise=noise),
+                backward=patch_dropout_backward, args=[r(B, 7, D)], names=["x"], torch_forward=torch_forward)
+
+
+def _tome_merge(backend, dtype):
+    """ToMe's size-weighted merge of 9 tokens by 3, the matching fixed (a constant of the step)."""
+    r = _rand(backend, dtype, 23)
+    size = backend.asarray(r.host.integers(1, 4, (B, 9, 1)), dtype=dtype)
+    match = tome_match(r(B, 9, 4), 3, num_prefix=1)
+
+    def torch_forward(x):  # M (s x) / M s, with M written out as a dense (B, N', N) 0/1 matrix
+        from ..backend import to_host
+        torch = _torch()
+        dest = np.asarray(to_host(match.dest))
+        m = torch.tensor((dest[:, None, :] == np.arange(6)[None, :, None]).astype(np.float64))
+        s = _t(size)
+        return (m @ (x * s)) / (m @ s)
+
+    return dict(forward=lambda x: tome_merge_forward(x, size, match), backward=tome_merge_backward,
+                args=[r(B, 9, D)], names=["x"], torch_forward=torch_forward)
+
+
+def _weighted_pool(backend, dtype):
+    """ToMe's pool for mean-pooled models: the patch tokens weighted by their sizes."""
+    r = _rand(backend, dtype, 24)
+    size = backend.asarray(r.host.integers(1, 5, (B, N, 1)), dtype=dtype)
+
+    def torch_forward(x):
+        s = _t(size)[:, 1:]
+        return (x[:, 1:] * s).sum(dim=1) / s.sum(dim=1)
+
+    return dict(forward=lambda x: weighted_mean_pool_forward(x, size, 1), backward=weighted_mean_pool_backward,
+                args=[r(B, N, D)], names=["x"], torch_forward=torch_forward)
+
+
+def _head_gate(backend, dtype):
+    """A gate on each head's output, applied as a scale on that head's columns of proj."""
+    r = _rand(backend, dtype, 25)
+
+    def torch_forward(w, gate):
+        return w * gate.repeat_interleave(D // NH)[None, :]
+
+    return dict(forward=lambda w, gate: head_gate_forward(w, gate, NH), backward=head_gate_backward,
+                args=[r(D, D), r(NH, shift=1.0)], names=["proj_w", "gate"], torch_forward=torch_forward)
+
+
 def _mlp(backend, dtype):
     r = _rand(backend, dtype, 12)
     masks = (r.mask(B, N, F, keep=0.9), r.mask(B, N, D, keep=0.9))
@@ -553,6 +614,10 @@ CASES = [
          about="Swin's relative position bias: gather, scatter-add"),
     Case("rope", _rope, ("rope.rope_backward",), about="2D RoPE turn, class token unturned"),
     Case("rope_angles", _rope_angles, ("rope.rope_angles_backward",), about="angles from mixed frequencies"),
+    Case("patch_dropout", _patch_dropout, ("dropout.patch_dropout_backward",), about="timm's rule, half the patches"),
+    Case("tome_merge", _tome_merge, ("tome.tome_merge_backward",), about="ToMe: 9 -> 6 tokens, sizes, matching fixed"),
+    Case("tome_pool", _weighted_pool, ("tome.weighted_mean_pool_backward",), about="size-weighted mean pool"),
+    Case("head_gate", _head_gate, ("gates.head_gate_backward",), about="a gate per head, on proj's columns"),
     Case("mlp", _mlp, ("mlp.mlp_backward",), about="fc1, GELU, dropout masks, fc2"),
     Case("block_prenorm", _block(True), ("block.block_backward",), about="timm; every dropout mask, drop path"),
     Case("block_postnorm", _block(False), ("block.block_backward",), about="nn.TransformerEncoderLayer; tanh GELU"),

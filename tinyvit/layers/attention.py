@@ -92,7 +92,7 @@ class AttentionCache(NamedTuple):
 
 def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: float = 0.0,
                       train: bool = False, rng=None, attn_mask=None, rope_angles=None, num_prefix: int = 1,
-                      precision: str = "fp32"):
+                      precision: str = "fp32", score_bias=None):
     """Multi-head self-attention.
 
     ``x: (B, N, D), qkv_w: (3D, D), qkv_b: (3D,) | None, proj_w: (D, D), proj_b: (D,)
@@ -100,9 +100,11 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: fl
     ``attn_mask`` injects the attention-dropout keep-mask ``(B, NH, N, N)``.
     ``rope_angles: (NH or 1, N - num_prefix, hs/2)`` turns q and k (2D RoPE) past the prefix tokens.
     ``precision``: the four products (qkv, ``q k^T``, ``att v``, proj) in fp32 / fp16 / bf16; the softmax in float32.
+    ``score_bias`` ``(B, 1, 1, N)`` is added to the scores before the softmax, a constant of the step (ToMe's
+    proportional attention adds ``log(token size)``; docs/tome.md): the backward is unchanged.
     """
     batch, tokens, dim = x.shape
-    head_size = dim // heads
+    head_size = qkv_w.shape[0] // (3 * heads)  # D / NH; a pruned block keeps hs with fewer heads (NH hs < D)
     scale = 1.0 / math.sqrt(head_size)
     qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b, precision)  # (B, N, D) @ (D, 3D) -> (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
@@ -113,10 +115,12 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, attn_drop: fl
         k, rope_k = rope_forward(k, rope_angles, num_prefix)
     scores = lowp_matmul(q, k.swapaxes(-1, -2), precision)  # (B, NH, N, hs) @ (B, NH, hs, N) -> (B, NH, N, N)
     scores *= scale
+    if score_bias is not None:
+        scores += score_bias
     att, att_cache = softmax_forward(scores)  # (B, NH, N, N)
     att_d, drop_cache = dropout_forward(att, attn_drop, train, rng, attn_mask)  # (B, NH, N, N)
     y = lowp_matmul(att_d, v, precision)  # (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
-    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)  # (B, N, NH, hs) -> (B, N, D)
+    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_size)  # (B, N, NH, hs) -> (B, N, D)
     out, proj_cache = linear_forward(y, proj_w, proj_b, precision)  # (B, N, D) @ (D, D) -> (B, N, D)
     cache = AttentionCache(qkv_cache, q, k, v, att_cache, drop_cache, att_d, proj_cache, heads, scale, rope_q, rope_k,
                            precision)
@@ -127,9 +131,9 @@ def attention_backward(dout, cache: AttentionCache):
     """``dout: (B, N, D) -> dx: (B, N, D), dqkv_w: (3D, D), dqkv_b: (3D,) | None, dproj_w: (D, D), dproj_b: (D,)``,
     and a sixth, ``drope_angles: (NH or 1, Np, hs/2)``, when the forward turned q and k (2D RoPE)."""
     xp = array_module(dout)
-    batch, tokens, dim = dout.shape
+    batch, tokens, _ = dout.shape
     heads, scale, precision = cache.heads, cache.scale, cache.precision
-    head_size = dim // heads
+    head_size = cache.q.shape[-1]
     # out = y @ W_proj.T + b_proj
     dy, dproj_w, dproj_b = linear_backward(dout, cache.proj)  # (B, N, D)
     dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
@@ -162,7 +166,7 @@ def attention_backward(dout, cache: AttentionCache):
         dq[...], drope_q = rope_backward(dq, cache.rope_q)
         dk[...], drope_k = rope_backward(dk, cache.rope_k)
         drope = drope_q + drope_k
-    dqkv = dqkv.reshape(batch, tokens, 3 * dim)  # (B, N, 3D)
+    dqkv = dqkv.reshape(batch, tokens, 3 * heads * head_size)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)  # (B, N, D)
     if drope is not None:
         return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, drope

@@ -236,7 +236,7 @@ def flash_attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, block: 
     """
     block = check_block(block)
     batch, tokens, dim = x.shape
-    head_size = dim // heads
+    head_size = qkv_w.shape[0] // (3 * heads)  # D / NH; a pruned block keeps hs with fewer heads
     scale = 1.0 / math.sqrt(head_size)
     qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)  # (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
@@ -246,7 +246,7 @@ def flash_attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, block: 
         q, rope_q = rope_forward(q, rope_angles, num_prefix)
         k, rope_k = rope_forward(k, rope_angles, num_prefix)
     y, core = flash_core_forward(q, k, v, scale, block, attn_drop, train, rng, attn_mask)  # (B, NH, N, hs)
-    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)  # (B, N, D)
+    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_size)  # (B, N, D)
     out, proj_cache = linear_forward(y, proj_w, proj_b)
     return out, FlashAttentionCache(qkv_cache, core, proj_cache, heads, rope_q, rope_k)
 
@@ -255,10 +255,10 @@ def flash_attention_backward(dout, cache: FlashAttentionCache):
     """``dout: (B, N, D) -> dx, dqkv_w, dqkv_b, dproj_w, dproj_b`` (as ``attention_backward``), and
     ``drope_angles`` sixth when the forward turned q and k (2D RoPE)."""
     xp = array_module(dout)
-    batch, tokens, dim = dout.shape
+    batch, tokens, _ = dout.shape
     heads = cache.heads
-    head_size = dim // heads
     dy, dproj_w, dproj_b = linear_backward(dout, cache.proj)  # (B, N, D)
+    head_size = dy.shape[-1] // heads  # E / NH (E = D unless heads were pruned)
     dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
     dq, dk, dv = flash_core_backward(dy, cache.core)
     drope = None
@@ -267,7 +267,7 @@ def flash_attention_backward(dout, cache: FlashAttentionCache):
         dk, drope_k = rope_backward(dk, cache.rope_k)
         drope = drope_q + drope_k
     dqkv = xp.stack([dq, dk, dv])  # (3, B, NH, N, hs): undo the split
-    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * dim)  # (B, N, 3D)
+    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * heads * head_size)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)
     if drope is not None:
         return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, drope

@@ -76,6 +76,8 @@ class TrainConfig:
     attn_block: int = 128  # flash's tile side
     attn_window: int = 0  # M > 0: Swin's windowed attention over M x M patches (docs/window_attention.md)
     attn_shift: bool = False  # shifted windows on every second block
+    tome_r: int = 0  # ToMe: tokens merged in every block (docs/tome.md)
+    patch_drop_rate: float = 0.0  # PatchDropout: share of the patch tokens dropped in each training step
     dropout: float = 0.1
     drop_path: float = 0.2
     # optimisation
@@ -229,7 +231,7 @@ def _build_model(cfg: TrainConfig, train_set) -> VisionTransformer:
         pool=cfg.pool, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, drop_path_rate=cfg.drop_path,
         gelu=cfg.gelu, pos_embed=cfg.pos_embed, distilled=cfg.teacher is not None, attn_impl=cfg.attn_impl,
         attn_block=cfg.attn_block, rope_theta=cfg.rope_theta, attn_window=cfg.attn_window, attn_shift=cfg.attn_shift,
-        precision=cfg.precision)
+        precision=cfg.precision, tome_r=cfg.tome_r, patch_drop_rate=cfg.patch_drop_rate)
 
 
 def load_model(path, backend=None, dtype=None) -> VisionTransformer:
@@ -777,6 +779,11 @@ def register(subparsers) -> None:
                         "the class token globally (0: global attention)")
     g.add_argument("--attn-shift", action="store_true",
                    help="with --attn-window: shift the windows by M/2 on every second block (Swin's SW-MSA)")
+    g.add_argument("--tome-r", type=int, default=d.tome_r,
+                   help="token merging (ToMe): tokens merged in every block (0: off; too large an r is an error "
+                        "that names the largest)")
+    g.add_argument("--patch-drop-rate", type=float, default=d.patch_drop_rate,
+                   help="PatchDropout: share of the patch tokens dropped in training (timm's patch_drop_rate)")
     g.add_argument("--dropout", type=float, default=d.dropout,
                    help="dropout after the attention projection and in the MLP")
     g.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate of the last block")
