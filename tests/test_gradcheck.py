@@ -242,6 +242,15 @@ def test_bad_options_are_named():
         check_backward(linear_forward, linear_backward, _linear_case(), dout=np.ones((5, 3)))
 
 
+def test_a_loss_takes_a_number_as_dout():
+    from tinyvit.layers.loss import cross_entropy_backward, cross_entropy_forward
+
+    logits = np.random.default_rng(4).standard_normal((3, 4))
+    report = check_backward(lambda z: cross_entropy_forward(z, np.array([0, 3, 1])),
+                            lambda dloss, cache: cross_entropy_backward(cache, dloss), [logits], dout=2.5)
+    assert report.ok and report.rows[0].checked == 12
+
+
 def test_none_marks_an_argument_without_a_gradient():
     report = check_backward(lambda x, w, b: linear_forward(x, w, b),
                             lambda d, c: (None, *linear_backward(d, c)[1:]), _linear_case(), names=["x", "w", "b"])

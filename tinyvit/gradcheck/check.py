@@ -233,7 +233,8 @@ def check_backward(forward, backward, args, kwargs=None, *, names=None, torch_fo
     gradient. ``args``: NumPy or CuPy arrays (or any array with ``__array_namespace__``);
     arguments that are not floating-point arrays (integer labels, ...) get no gradient check.
 
-    ``dout``: the upstream gradient, random normal (``seed``) unless given. ``mode``:
+    ``dout``: the upstream gradient, random normal (``seed``) unless given (a number will do
+    when ``out`` is a 0-d loss). ``mode``:
     ``"full"`` (every coordinate, central differences: 2 forwards per coordinate),
     ``"sparse"`` (``samples`` random coordinates per argument), ``"directional"``
     (``directions`` random directions per argument: 2 forwards each, for blocks and models).
@@ -293,6 +294,8 @@ def check_backward(forward, backward, args, kwargs=None, *, names=None, torch_fo
     if dout is None:
         dout_host = np.random.default_rng(seed).standard_normal(tuple(out.shape))
         dout = xp.asarray(dout_host.astype(out.dtype))
+    elif out.ndim == 0 and isinstance(dout, (int, float)) and not isinstance(dout, bool):
+        dout = xp.asarray(dout, dtype=out.dtype)  # a loss: a number will do
     elif not is_backend_array(dout) or tuple(dout.shape) != tuple(out.shape):
         raise ValueError(f"dout must be an array of out's shape {tuple(out.shape)}, got {_describe(dout)}")
     dout_before = np.array(to_host(dout))
