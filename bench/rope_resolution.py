@@ -13,7 +13,10 @@ Each model is trained with ``tinyvit train``'s loop (the same recipe for all thr
 ``pos_embed`` differs, several seeds). At a larger size the test images are the same digits
 upsampled (bilinear); a RoPE model loads its weights unchanged into a model built at that
 size, a learned model gets its ``pos_embed`` resampled bicubic (``tinyvit.resample_pos_embed``,
-timm's rule). Results: a JSON file and a table on stdout (numbers in the README's RoPE section).
+timm's rule). The same RoPE checkpoints are also read with their patch coordinates scaled
+by train grid / eval grid (``+interp``: EVA's and timm's ``ref_feat_shape`` rule), which keeps
+every angle inside the trained range, as resampling does for the learned table.
+Results: a JSON file and a table on stdout (numbers in the README's RoPE section).
 
     python3 bench/rope_resolution.py --data digits --seeds 0 1 2 --out bench/results_rope_digits.json
     python3 bench/rope_resolution.py --data mnist5k --epochs 15 --seeds 0 --out bench/results_rope_mnist5k.json
@@ -34,6 +37,7 @@ from scipy import ndimage
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tinyvit import VisionTransformer, resample_pos_embed  # noqa: E402
+from tinyvit.layers.rope import rope_angles_forward, rope_axial_freqs, rope_positions  # noqa: E402
 from tinyvit.training.checkpoint import load_checkpoint  # noqa: E402
 from tinyvit.training.data import NAMED_DATASETS, split  # noqa: E402
 from tinyvit.training.train import TrainConfig, evaluate, train  # noqa: E402
@@ -53,16 +57,24 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return ndimage.zoom(images, (1, 1, size / h, size / w), order=1, grid_mode=True, mode="nearest")
 
 
-def model_at(ckpt, size: int) -> VisionTransformer:
-    """The checkpoint's model rebuilt for ``size x size`` images: RoPE as it is, learned positions resampled."""
+def model_at(ckpt, size: int, interpolate: bool = False) -> VisionTransformer:
+    """The checkpoint's model rebuilt for ``size x size`` images: RoPE as it is (or, ``interpolate``, with
+    its patch coordinates scaled back to the trained range), learned positions resampled bicubic."""
     cfg = dict(ckpt.meta["model_config"], image_size=[size, size])
     model = VisionTransformer.from_config(cfg)
     params = dict(ckpt.params)
+    old = ckpt.meta["model_config"]["image_size"][0] // cfg["patch_size"]
+    new = size // cfg["patch_size"]
     if "pos_embed" in params:
-        old = ckpt.meta["model_config"]["image_size"][0] // cfg["patch_size"]
-        params["pos_embed"] = resample_pos_embed(params["pos_embed"], size // cfg["patch_size"], (old, old),
-                                                 model.config.num_prefix_tokens)
+        params["pos_embed"] = resample_pos_embed(params["pos_embed"], new, (old, old), model.config.num_prefix_tokens)
     model.load_state_dict(params)
+    if interpolate:  # positions * old/new: the grid spans the trained coordinates, more finely
+        c = model.config
+        pos = rope_positions(new, new) * (old / new)  # (2, Np)
+        model._rope_pos = model.backend.asarray(pos, dtype=model.dtype)
+        if c.pos_embed == "rope_axial":
+            angles, _ = rope_angles_forward(rope_axial_freqs(c.dim // c.heads, c.rope_theta), pos)
+            model._rope_angles = model.backend.asarray(angles, dtype=model.dtype)
     return model
 
 
@@ -101,24 +113,27 @@ def main(argv=None) -> int:
                 ckpt = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"))
                 mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1)
                              for v in ckpt.meta["extra"]["normalizer"])
-                acc = {}
-                for size in eval_sizes:
-                    x = (resize(test_set.images, size).astype(np.float32) - mean) / std
-                    acc[size] = evaluate(model_at(ckpt, size), x, test_set.labels)
-                run = {"kind": kind, "seed": seed, "train_seconds": round(summary["seconds"], 1),
-                       "train_test_acc": summary["test_acc"], "acc": {str(k): v for k, v in acc.items()}}
-                results["runs"].append(run)
-                print(f"{kind:11s} seed {seed}: " + "  ".join(f"{s}px {a * 100:5.1f}%" for s, a in acc.items())
-                      + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
+                for interp in ((False, True) if kind.startswith("rope") else (False,)):
+                    acc = {}
+                    for size in eval_sizes:
+                        x = (resize(test_set.images, size).astype(np.float32) - mean) / std
+                        acc[size] = evaluate(model_at(ckpt, size, interp), x, test_set.labels)
+                    name = kind + ("+interp" if interp else "")
+                    run = {"kind": name, "seed": seed, "train_seconds": round(summary["seconds"], 1),
+                           "train_test_acc": summary["test_acc"], "acc": {str(k): v for k, v in acc.items()}}
+                    results["runs"].append(run)
+                    print(f"{name:18s} seed {seed}: " + "  ".join(f"{s}px {a * 100:5.1f}%" for s, a in acc.items())
+                          + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
     print(f"\nmean over seeds {seeds}, test accuracy (%) at each evaluation size (trained at {train_size} px):")
-    print("pos_embed    " + "".join(f"{s:>8d}px" for s in eval_sizes))
+    print("pos_embed          " + "".join(f"{s:>8d}px" for s in eval_sizes))
     summary = {}
-    for kind in args.kinds:
+    names = [r["kind"] for r in results["runs"]]
+    for kind in sorted(set(names), key=names.index):
         rows = [r["acc"] for r in results["runs"] if r["kind"] == kind]
         means = [float(np.mean([r[str(s)] for r in rows])) for s in eval_sizes]
         spreads = [float(np.ptp([r[str(s)] for r in rows])) for s in eval_sizes]
         summary[kind] = {"mean": means, "spread": spreads}
-        print(f"{kind:12s} " + "".join(f"{m * 100:8.1f}  " for m in means))
+        print(f"{kind:18s} " + "".join(f"{m * 100:8.1f}  " for m in means))
     results["summary"] = summary
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

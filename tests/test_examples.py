@@ -35,6 +35,7 @@ PICTURES = {
     "08_bring_your_own_layer.py": ["08_gradcheck.png"],
     "12_data_parallel.py": ["12_data_parallel.png"],
     "14_cpu_kernels.py": ["14_cpu_kernels.png"],
+    "15_rope.py": ["15_rope.png"],
 }
 
 

@@ -252,7 +252,7 @@ def test_matches_timms_rotary_code(kind):
         emb = rope.get_embed([GH, GW]).to(torch.float64)[1]  # block 1: (NH, Np, 2 hs)
         angles, _ = rope_angles_forward(freqs[:, 1], rope_positions(GH, GW))
     ours, _ = rope_forward(x, angles, 0)
-    theirs = sincos.apply_rot_embed_cat(torch.tensor(x), emb).numpy()
+    theirs = sincos.apply_rot_embed_cat(torch.tensor(x), emb.detach()).numpy()
     assert_close("rotated q", ours, theirs, rtol=1e-5, atol=1e-6)  # timm builds its tables in float32
 
 
