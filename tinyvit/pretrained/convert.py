@@ -377,9 +377,45 @@ def _perfect_square(n: int) -> int | None:
     return r if r * r == n and r > 0 else None
 
 
+def _pool(state_dict: dict, layout: str, pool, timm_config: dict) -> tuple:
+    """``(pool, note)``; renames ``fc_norm`` to ``norm`` in ``state_dict`` for timm's token + fc_norm."""
+    has_fc_norm = "fc_norm.weight" in state_dict
+    source = "argument"
+    if pool is None and "global_pool" in timm_config:
+        gp = timm_config["global_pool"]
+        table = {"token": "cls", "avg": "mean", "": "cls"}
+        if gp not in table:
+            raise ValueError(f"timm's config.json says global_pool={gp!r}, a pooling tinyvit does not have "
+                             f"(it has the class token and the mean of the patch tokens)")
+        pool, source = table[gp], f"config.json (global_pool={gp!r})"
+    if pool is not None and pool not in ("cls", "mean"):
+        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r} (timm's 'max', 'avgmax' and 'map' are poolings "
+                         f"tinyvit does not have)")
+    if pool is None:
+        pool = "mean" if has_fc_norm else "cls"
+        how = ("fc_norm.* present: timm's global_pool='avg'" if has_fc_norm else "norm.* without fc_norm.*: the class "
+               "token")
+        return pool, (f"pool={pool}: {how}, a guess (timm's global_pool='token' with fc_norm=True has the same keys: "
+                      f"pass pool='cls' / --pool cls)" if has_fc_norm else
+                      f"pool={pool}: {how}, a guess (timm's global_pool='avg' with fc_norm=False has the same keys "
+                      f"and is a pooling tinyvit does not have)")
+    if pool == "cls" and has_fc_norm:
+        if "norm.weight" in state_dict:
+            raise ValueError("the state dict has both norm.* and fc_norm.*: a class-token model with two final norms "
+                             "is not one tinyvit builds")
+        state_dict["norm.weight"] = state_dict.pop("fc_norm.weight")
+        state_dict["norm.bias"] = state_dict.pop("fc_norm.bias")
+        return pool, (f"pool=cls from {source}: timm's global_pool='token' with fc_norm=True (fc_norm on the class "
+                      f"token = tinyvit's norm)")
+    if pool == "mean" and not has_fc_norm:
+        raise ValueError(f"pool='mean' ({source}) without fc_norm.*: timm's global_pool='avg' with fc_norm=False (the "
+                         f"final norm on every token, then the mean) is a pooling tinyvit does not have")
+    return pool, f"pool={pool} from {source}"
+
+
 def infer_config(state_dict: dict, layout: str = "timm", *, heads: int | None = None,
                  layer_norm_eps: float | None = None, image_size=None, gelu: str | None = None,
-                 hf_config: dict | None = None) -> tuple:
+                 hf_config: dict | None = None, pool: str | None = None, timm_config: dict | None = None) -> tuple:
     """tinyvit-keyed ``state_dict`` -> ``(VisionTransformer kwargs, notes)``.
 
     From the shapes: ``dim`` (D), ``patch_size`` (P) and ``channels`` (C) of the patch
@@ -393,7 +429,16 @@ def infer_config(state_dict: dict, layout: str = "timm", *, heads: int | None = 
     :data:`DEFAULT_EPS` by layout), ``gelu`` (``"none"`` = exact erf); a non-square
     grid needs ``image_size``. ``hf_config`` (a Hugging Face ``config.json`` dict)
     supplies heads, eps and the activation when given. Arguments win over both.
-    Returns the kwargs plus human-readable ``notes`` on every default it took.
+
+    Pooling: ``fc_norm.*`` reads as mean pooling (timm's ``global_pool='avg'``), ``norm.*``
+    alone as the class token; ``pool="cls"`` with ``fc_norm.*`` is timm's ``global_pool='token'``
+    with ``fc_norm=True`` (the same LayerNorm on the class token: loaded as tinyvit's ``norm``).
+    timm's ``config.json`` (``timm_config``) says ``global_pool``. Poolings tinyvit lacks
+    (``'max'``, ``'avgmax'``, ``'map'``, the mean of normed tokens of ``'avg'`` without
+    ``fc_norm``) are errors.
+
+    Returns the kwargs plus ``notes``: every field the weights could not decide, with its value
+    and where it came from (an argument, a config.json, or a default: a guess).
     """
     notes = []
     required = ("cls_token", "patch_embed.proj.weight", "head.weight")
@@ -415,6 +460,8 @@ def infer_config(state_dict: dict, layout: str = "timm", *, heads: int | None = 
     prefix_tokens = 2 if distilled else 1
     hf_config = hf_config or {}
 
+    if heads is not None:
+        notes.append(f"heads={heads} (argument)")
     if heads is None:
         heads = hf_config.get("num_attention_heads")
         if heads is not None:
@@ -425,19 +472,31 @@ def infer_config(state_dict: dict, layout: str = "timm", *, heads: int | None = 
                              f"size {sorted(DEFAULT_HEADS)}: pass heads= (--heads), a divisor of {dim}")
         heads = DEFAULT_HEADS[dim]
         notes.append(f"heads={heads}: the standard count for width {dim} (pass heads= if this checkpoint differs)")
+    if layer_norm_eps is not None:
+        notes.append(f"layer_norm_eps={layer_norm_eps:g} (argument)")
     if layer_norm_eps is None:
         layer_norm_eps = hf_config.get("layer_norm_eps")
         if layer_norm_eps is not None:
             notes.append(f"layer_norm_eps={layer_norm_eps} from config.json")
     if layer_norm_eps is None:
         layer_norm_eps = DEFAULT_EPS[layout]
-        notes.append(f"layer_norm_eps={layer_norm_eps}: {layout}'s default")
-    if gelu is None:
-        act = hf_config.get("hidden_act", "gelu")
+        notes.append(f"layer_norm_eps={layer_norm_eps:g}: {layout}'s default, a guess (the weights cannot tell; "
+                     f"pass layer_norm_eps= / --eps)")
+    if gelu is not None:
+        notes.append(f"gelu={gelu} (argument)")
+    elif "hidden_act" in hf_config:
+        act = hf_config["hidden_act"]
         table = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
         if act not in table:
             raise ValueError(f"config.json's hidden_act={act!r} is not a GELU tinyvit has; supported: {sorted(table)}")
         gelu = table[act]
+        notes.append(f"gelu={'exact' if gelu == 'none' else gelu} from config.json (hidden_act={act!r})")
+    else:
+        gelu = "none"
+        notes.append("gelu=exact: the libraries' default, a guess (the weights cannot tell; pass gelu='tanh' / "
+                     "--gelu tanh for a tanh-GELU model)")
+    pool, pool_note = _pool(state_dict, layout, pool, timm_config or {})
+    notes.append(pool_note)
 
     pos = state_dict.get("pos_embed")
     grid = None
@@ -460,10 +519,14 @@ def infer_config(state_dict: dict, layout: str = "timm", *, heads: int | None = 
         if native is None and grid is None:
             raise ValueError(f"pos_embed has {tokens} rows: {tokens} - {prefix_tokens} prefix tokens is not a square "
                              f"patch grid; pass image_size=(height, width)")
+        if grid is None:
+            notes.append(f"image {native * patch}x{native * patch}: the {tokens - prefix_tokens} patch positions read "
+                         f"as a square {native}x{native} grid, a guess (pass image_size=(H, W) / --image-size for "
+                         f"another shape)")
         grid = grid or (native, native)
     config = dict(image_size=(grid[0] * patch, grid[1] * patch), patch_size=patch, num_classes=num_classes,
                   dim=dim, depth=depth, heads=int(heads), mlp_dim=mlp_dim, channels=channels,
                   layer_norm_eps=float(layer_norm_eps),
-                  pool="mean" if "fc_norm.weight" in state_dict else "cls", gelu=gelu, distilled=distilled,
+                  pool=pool, gelu=gelu, distilled=distilled,
                   qkv_bias="blocks.0.attn.qkv.bias" in state_dict)
     return config, notes

@@ -137,9 +137,11 @@ def open_from_args(args):
     """The :class:`~tinyvit.pretrained.weights.Loaded` model a command's arguments name."""
     from .weights import open_model
 
+    if args.gelu == "exact":
+        args.gelu = "none"  # the model's name for the erf GELU
     image_size = None if args.image_size is None else (args.image_size, args.image_size)
     return open_model(args.weights, layout=args.layout, heads=args.heads, layer_norm_eps=args.eps,
-                      image_size=image_size, gelu=args.gelu, backend=args.backend, dtype=args.dtype)
+                      image_size=image_size, gelu=args.gelu, backend=args.backend, dtype=args.dtype, pool=args.pool)
 
 
 def preprocessing_for(loaded, recipe: str = "auto"):
@@ -169,7 +171,8 @@ def describe(loaded, recipe: str = "auto") -> list:
              f"patch {c.patch_size}, {c.channels} channel{'s' if c.channels > 1 else ''}, dim {c.dim}, depth {c.depth}, "
              f"heads {c.heads}, {c.num_classes} classes, eps {c.layer_norm_eps:g}, gelu {c.gelu}, "
              f"{'pre' if c.norm_first else 'post'}-norm, pool {c.pool}; preprocessing: {pre.describe()}"]
-    lines += [f"note: {n}" for n in loaded.notes]
+    if loaded.notes:
+        lines.append("loaded as: " + "; ".join(loaded.notes))
     return lines
 
 
@@ -254,9 +257,12 @@ def add_weights_arguments(p, image: bool = False) -> None:
     p.add_argument("--eps", type=float, default=None,
                    help="LayerNorm eps of a foreign file (default: 1e-6 timm/torchvision, 1e-12 or config.json for "
                         "Hugging Face)")
-    p.add_argument("--gelu", choices=("none", "tanh"), default=None,
-                   help="GELU form of a foreign file: none = exact erf, tanh = the tanh approximation "
-                        "(default: exact, or config.json's hidden_act)")
+    p.add_argument("--gelu", choices=("exact", "tanh", "none"), default=None,
+                   help="GELU form of a foreign file: exact = erf (also 'none', PyTorch's name), tanh = the tanh "
+                        "approximation (default: exact, or config.json's hidden_act)")
+    p.add_argument("--pool", choices=("cls", "mean"), default=None,
+                   help="pooling of a foreign file: cls = the class token (with fc_norm.*: timm's global_pool='token', "
+                        "fc_norm=True), mean = the mean of the patch tokens (default: mean if fc_norm.* is present)")
     p.add_argument("--layout", choices=("timm", "torchvision", "hf"), default=None, help="override detection")
     p.add_argument("--image-size", type=int, default=None,
                    help="run at this size; the position embedding is resampled bicubic (default: the file's)")

@@ -276,15 +276,17 @@ class Checkpoint(NamedTuple):
 
 def read_checkpoint(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
                     image_size=None, gelu: str | None = None, antialias: bool = True,
-                    state_dict: dict | None = None) -> Checkpoint:
+                    state_dict: dict | None = None, pool: str | None = None) -> Checkpoint:
     """Read ``path`` and convert it to tinyvit's keys and a config (see :func:`load_pretrained`);
     ``state_dict``: the file's arrays when the caller has read them already."""
     file = _check_path(path)
     raw = read_state_dict(file) if state_dict is None else state_dict
     sd, layout = to_tinyvit(raw, layout)
-    hf_config = _read_hf_config(file) if layout == "hf" else None
+    side_config = _read_hf_config(file)
+    hf_config = side_config if layout == "hf" else None
+    timm_config = side_config if layout == "timm" and side_config and "architecture" in side_config else None
     config, notes = infer_config(sd, layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
-                                 gelu=gelu, hf_config=hf_config)
+                                 gelu=gelu, hf_config=hf_config, pool=pool, timm_config=timm_config)
     if "pos_embed" in sd:
         prefix = 2 if config["distilled"] else 1
         patch = config["patch_size"]
@@ -337,9 +339,15 @@ class Loaded(NamedTuple):
 
 
 def _tinyvit_kind(metadata: dict) -> str | None:
+    """``"checkpoint"``, ``"export"`` or ``None`` (a foreign file). Exports keep safetensors' own
+    ``format: pt`` (Hugging Face's loader requires it) and say what they are in ``tinyvit.format``."""
     from ..training.checkpoint import FORMAT
 
-    return {FORMAT: "checkpoint", EXPORT_FORMAT: "export"}.get(metadata.get("format"))
+    if metadata.get("format") == FORMAT:
+        return "checkpoint"
+    if EXPORT_FORMAT in (metadata.get("tinyvit.format"), metadata.get("format")):
+        return "export"
+    return None
 
 
 def _json_field(meta: dict, key: str, path: str, default=None):
@@ -382,12 +390,13 @@ def _check_override(path: str, name: str, given, stored) -> None:
 
 
 def _open_tinyvit(path: str, arrays: dict, raw: dict, kind: str, *, layout, heads, layer_norm_eps, image_size, gelu,
-                  antialias, backend, dtype) -> Loaded:
+                  antialias, backend, dtype, pool=None) -> Loaded:
     from ..model import ViTConfig, VisionTransformer
     from .preprocess import Preprocessing
 
-    meta = {k: _json_field(raw, k, path) for k in raw if k not in ("format", "dtype", "layout")}
-    meta.update({k: raw[k] for k in ("format", "dtype", "layout") if k in raw})
+    plain = ("format", "tinyvit.format", "dtype", "layout")
+    meta = {k: _json_field(raw, k, path) for k in raw if k not in plain}
+    meta.update({k: raw[k] for k in plain if k in raw})
     config = meta.get("model_config")
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a tinyvit {kind} without a model_config in its metadata")
@@ -398,7 +407,7 @@ def _open_tinyvit(path: str, arrays: dict, raw: dict, kind: str, *, layout, head
     stored_layout = meta.get("layout", "tinyvit") if kind == "export" else "tinyvit"
     if layout is not None and layout != stored_layout and not (layout == "timm" and stored_layout == "tinyvit"):
         raise ValueError(f"{path}: the file says layout={stored_layout!r} but {layout!r} was passed")
-    for name, given in (("heads", heads), ("layer_norm_eps", layer_norm_eps), ("gelu", gelu)):
+    for name, given in (("heads", heads), ("layer_norm_eps", layer_norm_eps), ("gelu", gelu), ("pool", pool)):
         _check_override(path, name, given, config[name])
     if kind == "checkpoint":
         params = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
@@ -406,7 +415,7 @@ def _open_tinyvit(path: str, arrays: dict, raw: dict, kind: str, *, layout, head
         params = dict(arrays)
     else:
         params = to_tinyvit(arrays, stored_layout)[0]
-    notes = [f"config, labels and preprocessing from the file's metadata (a tinyvit {kind})"]
+    notes = [f"every field from the file's metadata (a tinyvit {kind}): nothing inferred"]
     pre = meta.get("preprocessing")
     if pre is None and kind == "checkpoint" and isinstance(meta.get("extra"), dict) and "normalizer" in meta["extra"]:
         mean, std = meta["extra"]["normalizer"]  # checkpoints written before the preprocessing field
@@ -446,7 +455,7 @@ def _open_tinyvit(path: str, arrays: dict, raw: dict, kind: str, *, layout, head
 
 def open_model(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
                image_size=None, gelu: str | None = None, antialias: bool = True, backend=None,
-               dtype: str | None = None) -> Loaded:
+               dtype: str | None = None, pool: str | None = None) -> Loaded:
     """Open any weights file tinyvit reads -> :class:`Loaded` (model, labels, preprocessing, notes).
 
     The one place that opens a file for ``load_pretrained``, ``tinyvit predict``,
@@ -477,11 +486,12 @@ def open_model(path, *, layout: str | None = None, heads: int | None = None, lay
         kind = _tinyvit_kind(raw)
         if kind is not None:
             return _open_tinyvit(file, arrays, raw, kind, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps,
-                                 image_size=image_size, gelu=gelu, antialias=antialias, backend=backend, dtype=dtype)
+                                 image_size=image_size, gelu=gelu, antialias=antialias, backend=backend, dtype=dtype,
+                                 pool=pool)
     else:
         arrays = None
     ckpt = read_checkpoint(file, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
-                           gelu=gelu, antialias=antialias, state_dict=arrays or None)
+                           gelu=gelu, antialias=antialias, state_dict=arrays or None, pool=pool)
     model = VisionTransformer(**ckpt.config, backend=backend, dtype=dtype or "float32")
     model.load_state_dict(ckpt.state_dict)
     model.labels, model.preprocessing = ckpt.labels, None
@@ -490,7 +500,7 @@ def open_model(path, *, layout: str | None = None, heads: int | None = None, lay
 
 def load_pretrained(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
                     image_size=None, gelu: str | None = None, antialias: bool = True, backend=None,
-                    dtype: str | None = None):
+                    dtype: str | None = None, pool: str | None = None):
     """A weights file -> a :class:`~tinyvit.VisionTransformer` (see :func:`open_model`).
 
     A tinyvit file (a training checkpoint or an export) is restored exactly with no
@@ -500,25 +510,111 @@ def load_pretrained(path, *, layout: str | None = None, heads: int | None = None
     config inferred from the shapes (:func:`tinyvit.pretrained.convert.infer_config`).
     ``image_size`` other than the file's resamples the position embedding
     (:func:`resample_pos_embed`, timm's antialiased bicubic unless ``antialias=False``).
+
+    What the weights of a foreign file cannot decide (heads, eps, GELU form, pooling, the grid
+    of a non-square image) is never taken in silence: the fields inferred and where each came
+    from are logged as one ``loaded as ...`` warning on the ``tinyvit`` logger (and returned by
+    :func:`open_model` as ``notes``); pass the argument to decide it.
     """
-    return open_model(path, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
-                      gelu=gelu, antialias=antialias, backend=backend, dtype=dtype).model
+    loaded = open_model(path, layout=layout, heads=heads, layer_norm_eps=layer_norm_eps, image_size=image_size,
+                        gelu=gelu, antialias=antialias, backend=backend, dtype=dtype, pool=pool)
+    if loaded.kind == "foreign" and loaded.notes:
+        import logging
+
+        logging.getLogger("tinyvit").warning("%s", loaded_as(loaded))
+    return loaded.model
+
+
+def loaded_as(loaded) -> str:
+    """One line: how the file was read, each inferred field with where it came from."""
+    return f"{loaded.path}: loaded as " + "; ".join(loaded.notes)
+
+
+def export_refusals(config, layout: str) -> list:
+    """What ``layout``'s library cannot run of a model with ``config``: one phrase per feature
+    (empty for ``"tinyvit"``, which holds every model tinyvit builds)."""
+    c = config
+    if layout == "tinyvit":
+        return []
+    lib = {"timm": "timm's VisionTransformer", "torchvision": "torchvision's VisionTransformer",
+           "hf": "Hugging Face's ViTForImageClassification"}[layout]
+    out = []
+    if not c.norm_first:
+        out.append(f"post-norm blocks (norm_first=False): {lib} is pre-norm only")
+    if c.pos_embed != "learned":
+        out.append(f"pos_embed={c.pos_embed!r}: {lib} has only a learned position embedding")
+    if getattr(c, "attn_window", 0):
+        out.append(f"windowed attention (attn_window={c.attn_window}): {lib} attends globally")
+    if layout == "torchvision":
+        if c.pool != "cls":
+            out.append("mean pooling (pool='mean'): torchvision reads the class token only")
+        if c.distilled:
+            out.append("a distillation token (DeiT): torchvision has none")
+        if c.gelu != "none":
+            out.append(f"gelu={c.gelu!r}: torchvision's MLP uses the exact GELU")
+        if not c.qkv_bias:
+            out.append("qkv_bias=False: torchvision's attention always has biases")
+        if c.channels != 3:
+            out.append(f"{c.channels} input channels: torchvision's ViT reads 3")
+        if c.image_size[0] != c.image_size[1]:
+            out.append(f"a {c.image_size[0]}x{c.image_size[1]} image: torchvision's ViT takes square images")
+    if layout == "hf" and c.pool != "cls":
+        out.append("mean pooling (pool='mean'): Hugging Face's ViT and DeiT classifiers read the class token")
+    return out
+
+
+def hf_config_json(model, labels=None) -> dict:
+    """The ``config.json`` Hugging Face's ``from_pretrained`` reads beside the weights (ViT or DeiT)."""
+    c = model.config
+    labels = labels if labels is not None else getattr(model, "labels", None)
+    names = labels if labels is not None else [f"LABEL_{i}" for i in range(c.num_classes)]
+    deit = c.distilled
+    return {
+        "architectures": ["DeiTForImageClassificationWithTeacher" if deit else "ViTForImageClassification"],
+        "model_type": "deit" if deit else "vit", "hidden_size": c.dim, "num_hidden_layers": c.depth,
+        "num_attention_heads": c.heads, "intermediate_size": c.mlp_dim,
+        "hidden_act": "gelu" if c.gelu == "none" else "gelu_pytorch_tanh",
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "layer_norm_eps": c.layer_norm_eps,
+        "image_size": c.image_size[0] if c.image_size[0] == c.image_size[1] else list(c.image_size),
+        "patch_size": c.patch_size, "num_channels": c.channels, "qkv_bias": c.qkv_bias, "encoder_stride": c.patch_size,
+        "id2label": {str(i): str(n) for i, n in enumerate(names)},
+        "label2id": {str(n): i for i, n in enumerate(names)},
+    }
 
 
 def export_pretrained(model, path, layout: str = "tinyvit", *, labels=None, preprocessing=None, data=None) -> None:
     """Write a model to ``.safetensors`` / ``.npz`` in ``layout``'s key names, with its architecture.
 
     Every layout carries tinyvit's metadata (the whole config, dtype, class names,
-    preprocessing), so :func:`load_pretrained` restores the file exactly; ``"tinyvit"``
-    (the default) writes timm's key names and holds every model tinyvit builds. ``labels``
-    / ``preprocessing`` default to ``model.labels`` / ``model.preprocessing``.
+    preprocessing), so :func:`load_pretrained` restores the file exactly. ``"tinyvit"`` (the
+    default) writes timm's key names and holds every model tinyvit builds; ``"timm"``,
+    ``"torchvision"`` and ``"hf"`` write what that library's model loads, and refuse with a
+    ``ValueError`` naming each feature the library cannot run (:func:`export_refusals`:
+    post-norm, mean pooling where the library has none, fixed or rotary positions, ...).
+    ``"hf"`` also writes a ``config.json`` beside the file, as ``save_pretrained`` does, so
+    ``ViTForImageClassification.from_pretrained(folder)`` runs it. ``labels`` /
+    ``preprocessing`` default to ``model.labels`` / ``model.preprocessing``.
     """
     if layout not in EXPORT_LAYOUTS:
         raise ValueError(f"layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
     if not hasattr(model, "config") or not hasattr(model, "state_dict"):
         raise TypeError(f"export_pretrained needs a VisionTransformer (its config goes into the file), got "
                         f"{type(model).__name__}; to write a bare state dict use save_state_dict")
+    refused = export_refusals(model.config, layout)
+    if refused:
+        raise ValueError(f"cannot export to the {layout} layout: " + "; ".join(refused)
+                         + ". layout='tinyvit' (timm's keys + the config) holds this model")
     sd = model.state_dict()
     meta = tinyvit_metadata(model, labels, preprocessing, data)
-    meta.update(format=EXPORT_FORMAT, layout=layout)
+    meta.update({"format": "pt", "tinyvit.format": EXPORT_FORMAT, "layout": layout})
+    if layout == "hf" and not os.fspath(path).endswith(".safetensors"):
+        raise ValueError(f"{os.fspath(path)}: the hf layout is a .safetensors file (Hugging Face reads "
+                         f"model.safetensors beside config.json)")
     save_state_dict(path, sd if layout in ("tinyvit", "timm") else from_tinyvit(sd, layout), meta)
+    if layout == "hf":
+        from ..training.checkpoint import atomic_write
+
+        config = hf_config_json(model, labels)
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        atomic_write(os.path.join(folder, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
