@@ -171,6 +171,19 @@ def test_a_backward_writing_into_its_argument_is_caught():
     assert np.array_equal(args[0], x_before)  # restored for the references (and the caller)
 
 
+def test_a_backward_writing_into_the_forwards_output_is_caught():
+    def bad_backward(dout, cache: SoftmaxCache):
+        s = cache.out  # the caller's out: scaling it in place saves a buffer and breaks the caller
+        s *= dout - (dout * s).sum(axis=-1, keepdims=True)
+        return s
+
+    x = np.random.default_rng(5).standard_normal((2, 6))
+    report = check_backward(softmax_forward, bad_backward, [x])
+    assert any(p.startswith("backward wrote into the forward's output") for p in report.problems), report.problems
+    assert not any("deterministic" in p for p in report.problems)  # the forward itself is fine
+    assert report.rows[0].passed  # the gradient is even right: only the problem says it
+
+
 def test_a_non_deterministic_forward_is_caught():
     rng = np.random.default_rng(0)
 

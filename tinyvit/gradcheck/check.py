@@ -17,8 +17,8 @@ all-ones ``dout`` hides bugs such as a dropped softmax Jacobian term):
   direction and argument, whatever the argument's size (for blocks and whole models).
 - ``torch_forward``: autograd's gradients of the same ``L`` (and the forward's output).
 
-Besides the numbers it reports a backward that writes into its arguments or into
-``dout``, a forward that writes into its arguments, and a forward that is not
+Besides the numbers it reports a backward that writes into its arguments, into ``dout`` or
+into the forward's output, a forward that writes into its arguments, and a forward that is not
 deterministic (two calls on the same arguments differ): real bugs that gradient errors
 would only hint at.
 """
@@ -291,6 +291,7 @@ def check_backward(forward, backward, args, kwargs=None, *, names=None, torch_fo
             report.problems.append(f"forward wrote into its argument '{name}': {what}")
             a[...] = array_module(a).asarray(b)  # restore, so the references see the caller's values
     xp = array_module(out)
+    out_host = np.array(to_host(out))
     if dout is None:
         dout_host = np.random.default_rng(seed).standard_normal(tuple(out.shape))
         dout = xp.asarray(dout_host.astype(out.dtype))
@@ -303,13 +304,14 @@ def check_backward(forward, backward, args, kwargs=None, *, names=None, torch_fo
     del cache
     if what := _changed(dout_before, dout):
         report.problems.append(f"backward wrote into dout: {what}")
+    if what := _changed(out_host, out):
+        report.problems.append(f"backward wrote into the forward's output (through its cache): {what}")
     for name, a, b in zip(names, args, before):
         if b is not None and (what := _changed(b, a)):
             report.problems.append(f"backward wrote into its argument '{name}': {what}")
             a[...] = array_module(a).asarray(b)
 
     # 2. is the forward a function? (two calls on the same arguments)
-    out_host = np.array(to_host(out))
     again, _ = _split_forward(forward(*args, **kwargs))
     if (what := _changed(out_host, again)):
         report.problems.append(f"forward is not deterministic: two calls on the same arguments differ in {what}; "
