@@ -329,21 +329,27 @@ def attention_variants(config: ViTConfig, windows=()) -> dict:
 
 
 def attention_sweep(model, image_sizes, batch: int, dtype: str, repeats: int, windows=(), torch: bool = True,
-                    memory: bool = True) -> list:
+                    memory: bool = True, check: bool = True, variants=None, on_size=None) -> list:
     """A training step (forward, loss, backward) of the same ViT with each attention, per image size.
 
     All variants of one size run in one process, interleaved (``timing.time_calls``); flash is
     first checked equal to plain (logits and every gradient), since it computes the same
     function. Each row: median/min/max time, peak bytes (tracemalloc), the ratio of both to
-    plain's, and the training-step matrix FLOPs of that attention.
+    plain's, and the training-step matrix FLOPs of that attention. ``variants`` keeps only those
+    labels (plain always runs); ``check=False`` skips the check (long runs that checked at a
+    smaller size); ``on_size(rows)`` is called after each size (scripts print as they go).
     """
     rows = []
     for size in image_sizes:
         base = build_config(model, image_size=size)
-        variants = attention_variants(base, windows)
+        chosen = attention_variants(base, windows)
+        if variants:
+            chosen = {k: v for k, v in chosen.items() if k == "plain" or k in variants or
+                      (k.startswith("window") and "window" in variants)}
         engines = {label: Engine("numpy", build_config(model, image_size=size, **over), batch, dtype)
-                   for label, over in variants.items()}
-        check_engines({k: engines[k] for k in ("plain", "flash")}, dtype)
+                   for label, over in chosen.items()}
+        if check and "flash" in engines:
+            check_engines({k: engines[k] for k in ("plain", "flash")}, dtype)
         fns = {label: e.train_step for label, e in engines.items()}
         if torch:
             try:
@@ -360,6 +366,8 @@ def attention_sweep(model, image_sizes, batch: int, dtype: str, repeats: int, wi
                          "peak_bytes": peaks.get(label),
                          "time_vs_plain": t.median / times["plain"].median,
                          "memory_vs_plain": (peaks[label] / peaks["plain"]) if peaks else None,
-                         "train_gflop": flops.train_step_flops(cfg, batch) / 1e9})
+                         "train_gflop": flops.train_step_flops(cfg, batch) / 1e9, "checked": check})
         del engines
+        if on_size is not None:
+            on_size(rows)
     return rows

@@ -246,7 +246,9 @@ def flash_attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads: int, block: 
         q, rope_q = rope_forward(q, rope_angles, num_prefix)
         k, rope_k = rope_forward(k, rope_angles, num_prefix)
     y, core = flash_core_forward(q, k, v, scale, block, attn_drop, train, rng, attn_mask)  # (B, NH, N, hs)
-    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_size)  # (B, N, D)
+    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_size)  # (B, N, D): a copy
+    core = core._replace(out=y.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3))  # O as a view of y:
+    # the backward's D = rowsum(dO * O) reads the same numbers, and O's own buffer is freed
     out, proj_cache = linear_forward(y, proj_w, proj_b)
     return out, FlashAttentionCache(qkv_cache, core, proj_cache, heads, rope_q, rope_k)
 

@@ -155,12 +155,9 @@ def relative_bias_backward(dbias, cache: RelativeBiasCache):
 # ---------------------------------------------------------------- the windowed core
 class WindowCoreCache(NamedTuple):
     spec: WindowSpec
-    q: object  # (B, NH, N, hs)
+    q: object  # (B, NH, N, hs); the windowed copies are recomputed in the backward (cheap moves)
     k: object
     v: object
-    qw: object  # (B, NH, nW, S, hs): the patch queries, windowed
-    kw: object
-    vw: object
     att: SoftmaxCache  # (B, NH, nW, S, T + S): the window rows' probabilities
     att_drop: DropoutCache
     att_d: object  # (B, NH, nW, S, T + S), after dropout
@@ -199,8 +196,8 @@ def window_core_forward(q, k, v, table, scale: float, spec: WindowSpec, p: float
     pre_att, pre_cache = softmax_forward(pre_scores)
     pre_att_d, pre_drop = dropout_forward(pre_att, p, train, rng, prefix_mask)
     y = xp.concatenate([pre_att_d @ v, from_windows(yw, spec)], axis=2)  # (B, NH, N, hs)
-    return y, WindowCoreCache(spec, q, k, v, qw, kw, vw, att_cache, drop_cache, att_d, pre_cache, pre_drop,
-                              pre_att_d, bias_cache, scale)
+    return y, WindowCoreCache(spec, q, k, v, att_cache, drop_cache, att_d, pre_cache, pre_drop, pre_att_d,
+                              bias_cache, scale)
 
 
 def window_core_backward(dy, cache: WindowCoreCache):
@@ -209,6 +206,7 @@ def window_core_backward(dy, cache: WindowCoreCache):
     c, spec = cache, cache.spec
     t, scale = spec.prefix, cache.scale
     k_pre, v_pre = c.k[:, :, None, :t], c.v[:, :, None, :t]
+    qw, kw, vw = (to_windows(a[:, :, t:], spec) for a in (c.q, c.k, c.v))  # (B, NH, nW, S, hs), as the forward
     dy_pre, dyw = dy[:, :, :t], to_windows(dy[:, :, t:], spec)  # (B, NH, T, hs), (B, NH, nW, S, hs)
     # prefix rows: y_pre = dropout(softmax(q_pre k^T scale)) v
     dv = c.pre_att_d.swapaxes(-1, -2) @ dy_pre  # (B, NH, N, hs)
@@ -219,13 +217,13 @@ def window_core_backward(dy, cache: WindowCoreCache):
     a_glob, a_loc = c.att_d[..., :t], c.att_d[..., t:]
     dvw = a_loc.swapaxes(-1, -2) @ dyw  # (B, NH, nW, S, hs)
     dv[:, :, :t] += (a_glob.swapaxes(-1, -2) @ dyw).sum(axis=2)  # v_pre served every window
-    datt = xp.concatenate([dyw @ v_pre.swapaxes(-1, -2), dyw @ c.vw.swapaxes(-1, -2)], axis=-1)
+    datt = xp.concatenate([dyw @ v_pre.swapaxes(-1, -2), dyw @ vw.swapaxes(-1, -2)], axis=-1)
     ds = softmax_backward(dropout_backward(datt, c.att_drop), c.att)  # (B, NH, nW, S, T + S)
     ds_glob, ds_loc = ds[..., :t], ds[..., t:]
     dtable = relative_bias_backward(ds_loc.sum(axis=(0, 2)), c.bias)  # bias (NH, S, S) was added to every window
-    dqw = ds_glob @ k_pre + ds_loc @ c.kw  # (B, NH, nW, S, hs)
-    dkw = ds_loc.swapaxes(-1, -2) @ c.qw
-    dk[:, :, :t] += (ds_glob.swapaxes(-1, -2) @ c.qw).sum(axis=2)  # k_pre served every window
+    dqw = ds_glob @ k_pre + ds_loc @ kw  # (B, NH, nW, S, hs)
+    dkw = ds_loc.swapaxes(-1, -2) @ qw
+    dk[:, :, :t] += (ds_glob.swapaxes(-1, -2) @ qw).sum(axis=2)  # k_pre served every window
     dk[:, :, t:] += from_windows(dkw, spec)
     dk *= scale
     dv[:, :, t:] += from_windows(dvw, spec)
@@ -278,7 +276,7 @@ def window_attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, table, heads: int,
     if tuple(table.shape) != (rows, heads):
         raise ValueError(f"relative_position_bias_table must be ((2M-1)^2, NH) = ({rows}, {heads}), "
                          f"got {tuple(table.shape)}")
-    head_size = dim // heads
+    head_size = qkv_w.shape[0] // (3 * heads)  # D / NH; a pruned block keeps hs with fewer heads
     scale = 1.0 / math.sqrt(head_size)
     qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)  # (B, N, 3D)
     qkv = qkv.reshape(batch, tokens, 3, heads, head_size).transpose(2, 0, 3, 1, 4)  # (3, B, NH, N, hs)
@@ -288,7 +286,7 @@ def window_attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, table, heads: int,
         q, rope_q = rope_forward(q, rope_angles, spec.prefix)
         k, rope_k = rope_forward(k, rope_angles, spec.prefix)
     y, core = window_core_forward(q, k, v, table, scale, spec, attn_drop, train, rng, attn_mask)
-    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)  # (B, N, D)
+    y = y.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_size)  # (B, N, D)
     out, proj_cache = linear_forward(y, proj_w, proj_b)
     return out, WindowAttentionCache(qkv_cache, core, proj_cache, heads, rope_q, rope_k)
 
@@ -297,17 +295,18 @@ def window_attention_backward(dout, cache: WindowAttentionCache):
     """``dout: (B, N, D) -> dx, dqkv_w, dqkv_b, dproj_w, dproj_b, dtable``, and a seventh,
     ``drope_angles``, when the forward turned q and k (2D RoPE)."""
     xp = array_module(dout)
-    batch, tokens, dim = dout.shape
+    batch, tokens, _ = dout.shape
     heads = cache.heads
     dy, dproj_w, dproj_b = linear_backward(dout, cache.proj)
-    dy = dy.reshape(batch, tokens, heads, dim // heads).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
+    head_size = dy.shape[-1] // heads  # E / NH (E = D unless heads were pruned)
+    dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
     dq, dk, dv, dtable = window_core_backward(dy, cache.core)
     drope = None
     if cache.rope_q is not None:  # turn the gradients of the turned q and k back; collect the angles'
         dq, drope_q = rope_backward(dq, cache.rope_q)
         dk, drope_k = rope_backward(dk, cache.rope_k)
         drope = drope_q + drope_k
-    dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * dim)  # (B, N, 3D)
+    dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * heads * head_size)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)
     if drope is not None:
         return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, dtable, drope
