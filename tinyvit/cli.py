@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "tinyvit.training.evaluate",
     "tinyvit.benchmark",
     "tinyvit.gradcheck",
+    "tinyvit.quantize",
 )
 
 

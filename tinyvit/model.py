@@ -38,6 +38,7 @@ from .layers.layernorm import layernorm_backward, layernorm_forward
 from .layers.linear import linear_backward, linear_forward
 from .layers.patch_embed import patch_embed_backward, patch_embed_forward
 from .layers.precision import check_precision_supported
+from .layers.quant import FakeQuantWeight
 from .layers.rope import (DEFAULT_THETA, ROPE_KINDS, rope_angles_backward, rope_angles_forward, rope_axial_freqs,
                           rope_mixed_freqs, rope_positions)
 from .layers.tome import (WeightedPoolCache, tome_max_r, tome_token_counts, weighted_mean_pool_backward,
@@ -390,6 +391,7 @@ class VisionTransformer:
         self.backend: Backend = get_backend(backend)
         self.dtype = check_dtype_name(dtype)
         self.precision = precision
+        self.quant: dict | None = None  # {weight key: Int8Weight | FakeQuantWeight} (tinyvit.quantize)
         _check_int("seed", seed, minimum=0)
         self.params = {k: self.backend.asarray(v, dtype=self.dtype) for k, v in init_params(self.config, seed).items()}
         self.grads: dict = {}
@@ -555,6 +557,12 @@ class VisionTransformer:
         batch = x.shape[0]
 
         lowp = self._precision
+        if self.quant is not None:  # int8 inference or QAT: the linear layers' weights are quantised records
+            if self._precision != "fp32" or c.attn_impl != "plain" or c.attn_window or c.tome_r or self.head_gates:
+                raise ValueError("a quantised model runs with precision='fp32' and plain global attention "
+                                 "(attn_impl='plain', no attn_window, no ToMe, no head gates)")
+            p = {**p, **{k: FakeQuantWeight(p[k], r.input_scale) if isinstance(r, FakeQuantWeight) else r
+                         for k, r in self.quant.items()}}  # QAT: fake-quantise the current float weights
         x, patch_cache = patch_embed_forward(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"],
                                              lowp)  # (B, Np, D)
         prefix = [p["cls_token"]] + ([p["dist_token"]] if c.distilled else [])
@@ -573,7 +581,7 @@ class VisionTransformer:
             if c.pos_embed == "rope_mixed":  # this block's learned frequencies -> (NH, Np, hs/2)
                 angles, rope_cache = rope_angles_forward(p["rope.freqs"][:, i], self._rope_pos)
             x, block_cache = block_forward(
-                x, self._block_params(i), c.heads_of(i), c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
+                x, self._block_params(i, p), c.heads_of(i), c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
                 drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"), attn_impl=c.attn_impl,
                 attn_block=c.attn_block, rope_angles=angles, num_prefix=c.num_prefix_tokens,
                 precision=lowp, window=c.window_spec(i), tome_r=c.tome_r, size=size,
@@ -604,9 +612,9 @@ class VisionTransformer:
         dist_logits = logits[1][0] if len(logits) > 1 else None
         return cls_logits, dist_logits
 
-    def _block_params(self, i: int) -> dict:
-        prefix = f"blocks.{i}."
-        return {key: self.params.get(prefix + key) for key in BLOCK_KEYS + WINDOW_KEYS}
+    def _block_params(self, i: int, params: dict | None = None) -> dict:
+        prefix, params = f"blocks.{i}.", self.params if params is None else params
+        return {key: params.get(prefix + key) for key in BLOCK_KEYS + WINDOW_KEYS}
 
     # ---------------------------------------------------------------- backward
     def backward(self, dlogits, *, keep_cache: bool = True, grad_ready=None):
@@ -774,5 +782,6 @@ class VisionTransformer:
             raise ValueError("state dict does not fit this model; nothing was loaded:\n  " + "\n  ".join(problems))
         for key, value in host.items():
             self.params[key] = self.backend.asarray(np.ascontiguousarray(value), dtype=self.dtype)
+        self.quant = None  # new float weights: any int8 / fake-quant records no longer describe them
         self.grads = {}
         self._cache = None

@@ -32,6 +32,8 @@ from ..layers.layernorm import layernorm_backward, layernorm_forward
 from ..layers.linear import linear_backward, linear_forward
 from ..layers.loss import cross_entropy_backward, cross_entropy_forward
 from ..layers.mlp import mlp_backward, mlp_forward
+from ..layers.quant import FakeQuantWeight, fake_quant_backward, fake_quant_forward, quant_linear_backward, \
+    quant_linear_forward
 from ..layers.patch_embed import patch_embed_backward, patch_embed_forward, patchify_backward, patchify_forward
 from ..layers.rope import rope_angles_backward, rope_angles_forward, rope_backward, rope_forward, rope_positions
 from ..layers.tome import tome_match, tome_merge_backward, tome_merge_forward, weighted_mean_pool_backward, \
@@ -445,6 +447,35 @@ def _head_gate(backend, dtype):
 
     return dict(forward=lambda w, gate: head_gate_forward(w, gate, NH), backward=head_gate_backward,
                 args=[r(D, D), r(NH, shift=1.0)], names=["proj_w", "gate"], torch_forward=torch_forward)
+def _fake_quant(backend, dtype):
+    """The STE's smooth surrogate ``clip(x, -127 s, 127 s)`` (``rounding=False``; the same backward as
+    the rounded fake quantisation, whose true derivative is 0 almost everywhere): values inside the
+    grid's range pass, values outside are clipped; none lies within 0.05 of the clip points."""
+    r = _rand(backend, dtype, 31)
+    x = r.host.standard_normal((B, N, D)) * 1.5
+    x = np.where(np.abs(np.abs(x) - 1.27) < 0.05, x * 0.9, x)  # s = 0.01: the range is +-1.27
+    scale = backend.asarray(np.float64(0.01), dtype=dtype)
+    return dict(forward=lambda x: fake_quant_forward(x, scale, rounding=False), backward=fake_quant_backward,
+                args=[backend.asarray(x, dtype=dtype)], names=["x"],
+                torch_forward=lambda x: x.clamp(-1.27, 1.27))
+
+
+def _quant_linear(backend, dtype):
+    """QAT's linear layer with the smooth surrogate of its two fake quantisations (input: fixed
+    per-tensor range +-1.27, some inputs clipped; weight: per-channel range max |w|, never clipped)."""
+    r = _rand(backend, dtype, 32)
+    x = r.host.standard_normal((B, N, D)) * 1.5
+    x = np.where(np.abs(np.abs(x) - 1.27) < 0.05, x * 0.9, x)
+    scale = backend.asarray(np.float64(0.01), dtype=dtype)
+
+    def forward(x, w, b):
+        return quant_linear_forward(x, FakeQuantWeight(w, scale), b, rounding=False)
+
+    def torch_forward(x, w, b):
+        return _torch().nn.functional.linear(x.clamp(-1.27, 1.27), w, b)
+
+    return dict(forward=forward, backward=quant_linear_backward, args=[backend.asarray(x, dtype=dtype), r(F, D), r(F)],
+                names=["x", "w", "b"], torch_forward=torch_forward)
 
 
 def _mlp(backend, dtype):
@@ -618,6 +649,9 @@ CASES = [
     Case("tome_merge", _tome_merge, ("tome.tome_merge_backward",), about="ToMe: 9 -> 6 tokens, sizes, matching fixed"),
     Case("tome_pool", _weighted_pool, ("tome.weighted_mean_pool_backward",), about="size-weighted mean pool"),
     Case("head_gate", _head_gate, ("gates.head_gate_backward",), about="a gate per head, on proj's columns"),
+    Case("fake_quant", _fake_quant, ("quant.fake_quant_backward",), about="QAT's clipped STE, on its smooth surrogate"),
+    Case("quant_linear", _quant_linear, ("quant.quant_linear_backward",),
+         about="QAT linear: fake-quantised input and weight, smooth surrogate"),
     Case("mlp", _mlp, ("mlp.mlp_backward",), about="fc1, GELU, dropout masks, fc2"),
     Case("block_prenorm", _block(True), ("block.block_backward",), about="timm; every dropout mask, drop path"),
     Case("block_postnorm", _block(False), ("block.block_backward",), about="nn.TransformerEncoderLayer; tanh GELU"),

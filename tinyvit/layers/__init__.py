@@ -15,6 +15,7 @@ Read them in the order the data flows (each file's docstring gives the derivatio
 - ``block.py``        the encoder block, pre-norm (timm) or post-norm (``nn.TransformerEncoderLayer``)
 - ``head.py``         pooling for the head (class token or mean of the patches)
 - ``loss.py``         softmax cross-entropy with label smoothing and soft targets
+- ``quant.py``        int8 linear layer (exact int32 sums), fake quantisation and its straight-through backward
 - ``precision.py``    fp16 / bf16 matrix products (mixed precision): linear and attention take ``precision=``
 
 Every op: ``out, cache = f_forward(x, params...)`` and ``dx, dparams... = f_backward(dout, cache)``;

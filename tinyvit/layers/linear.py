@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .precision import lowp_matmul
+from .quant import FakeQuantWeight, Int8Weight, QuantLinearCache, quant_linear_backward, quant_linear_forward
 
 
 class LinearCache(NamedTuple):
@@ -31,8 +32,12 @@ def linear_forward(x, w, b=None, precision: str = "fp32"):
     of a 3-D ``x`` would run B separate products of ``(N, in)``, which BLAS runs ~1.3x
     slower than the one large product (measured on ViT-Ti/16, batch 8).
     ``precision="fp16" | "bf16"``: the product in that precision (mixed precision, as
-    autocast's ``linear``); the bias is added in float32.
+    autocast's ``linear``); the bias is added in float32. A ``w`` that is an ``Int8Weight``
+    (int8 inference) or a ``FakeQuantWeight`` (quantisation-aware training) runs the
+    quantised layer of :mod:`tinyvit.layers.quant` instead.
     """
+    if isinstance(w, (Int8Weight, FakeQuantWeight)):
+        return quant_linear_forward(x, w, b)
     x_2d = x.reshape(-1, w.shape[1])  # (M, in), M = prod(...)
     out = lowp_matmul(x_2d, w.T, precision)  # (M, in) @ (in, out) -> (M, out)
     if b is not None:
@@ -44,7 +49,10 @@ def linear_backward(dout, cache: LinearCache):
     """``dout: (..., out) -> dx: (..., in), dw: (out, in), db: (out,) | None``.
 
     Mixed precision: both products in the forward's precision; ``db``, a reduction, in float32.
+    A quantised forward's cache goes to :func:`tinyvit.layers.quant.quant_linear_backward`.
     """
+    if isinstance(cache, QuantLinearCache):
+        return quant_linear_backward(dout, cache)
     x, w, has_bias, precision = cache
     d_out, d_in = w.shape
     dout_2d = dout.reshape(-1, d_out)  # (M, out)

@@ -339,12 +339,15 @@ class Loaded(NamedTuple):
 
 
 def _tinyvit_kind(metadata: dict) -> str | None:
-    """``"checkpoint"``, ``"export"`` or ``None`` (a foreign file). Exports keep safetensors' own
-    ``format: pt`` (Hugging Face's loader requires it) and say what they are in ``tinyvit.format``."""
+    """``"checkpoint"``, ``"export"``, ``"int8"`` (tinyvit quantize) or ``None`` (a foreign file). Exports keep
+    safetensors' own ``format: pt`` (Hugging Face's loader requires it) and say what they are in ``tinyvit.format``."""
+    from ..quantize.ptq import FORMAT as INT8_FORMAT
     from ..training.checkpoint import FORMAT
 
     if metadata.get("format") == FORMAT:
         return "checkpoint"
+    if metadata.get("format") == INT8_FORMAT:
+        return "int8"
     if EXPORT_FORMAT in (metadata.get("tinyvit.format"), metadata.get("format")):
         return "export"
     return None
@@ -409,8 +412,13 @@ def _open_tinyvit(path: str, arrays: dict, raw: dict, kind: str, *, layout, head
         raise ValueError(f"{path}: the file says layout={stored_layout!r} but {layout!r} was passed")
     for name, given in (("heads", heads), ("layer_norm_eps", layer_norm_eps), ("gelu", gelu), ("pool", pool)):
         _check_override(path, name, given, config[name])
+    records = None
     if kind == "checkpoint":
         params = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+    elif kind == "int8":  # tinyvit quantize: int8 linear layers with their scales (tinyvit/quantize/ptq.py)
+        from ..quantize.ptq import split_quantized
+
+        params, records = split_quantized(arrays, path)
     elif stored_layout in ("tinyvit", "timm"):
         params = dict(arrays)
     else:
@@ -444,6 +452,13 @@ def _open_tinyvit(path: str, arrays: dict, raw: dict, kind: str, *, layout, head
         model.load_state_dict(params)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    if records is not None:
+        from ..quantize.ptq import attach_quantized
+
+        attach_quantized(model, records)
+        model.quant_info = meta.get("quantization") or {}
+        notes.append(f"int8 linear layers ({len(records)}: {model.quant_info.get('method', '?')} calibration); "
+                     f"LayerNorm, softmax, GELU in float")
     labels = meta.get("labels")
     if labels is not None:
         if not (isinstance(labels, list) and len(labels) == config["num_classes"]):
