@@ -15,8 +15,8 @@ bit (tests/test_randomness.py).
 
 The hash is Chris Wellons' ``lowbias32`` (two multiply-xorshift rounds; passes
 PractRand to gigabytes as a counter hash), on ``uint32`` arrays of the backend: no host
-trip, the same code on NumPy and CuPy. ``random`` returns 24-bit uniform floats in
-[0, 1), exact in float32.
+trip, the same code on NumPy and CuPy. ``random`` returns uniform floats in [0, 1) on the
+grid of 2^-23 (the hash's top 23 bits as a float32 mantissa in [1, 2), minus 1).
 
 Augmentation (host NumPy) takes the same view with ordinary generators:
 :func:`sample_generator` seeds one ``numpy.random.Generator`` per (seed, step, sample).
@@ -31,14 +31,14 @@ _M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers
 _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters before hashing
 
 
-def lowbias32(x, xp=None):
-    """Hash a ``uint32`` array elementwise (in place when it can): ``x -> (..)`` uint32."""
+def lowbias32(x, xp=None, tmp=None):
+    """Hash a ``uint32`` array elementwise, in place: ``x -> x`` (``tmp``: scratch of x's shape, or None)."""
     xp = xp or array_module(x)
-    x ^= xp.right_shift(x, 16)
-    x *= _M1
-    x ^= xp.right_shift(x, 15)
-    x *= _M2
-    x ^= xp.right_shift(x, 16)
+    for shift, multiplier in ((16, _M1), (15, _M2), (16, None)):
+        t = xp.right_shift(x, shift) if tmp is None else xp.right_shift(x, shift, out=tmp)
+        x ^= t
+        if multiplier is not None:
+            x *= multiplier
     return x
 
 
@@ -68,9 +68,10 @@ class SampleRandom:
         self.batch = len(positions)
         self._keys = backend.asarray(sample_keys(seed, step, positions))  # (b,) uint32: one host-to-device copy
         self.draws = 0
+        self._counter_cache = {}
 
     def random(self, shape, dtype="float32"):
-        """``(b, ...)`` uniform floats in [0, 1), 24 random bits each."""
+        """``(b, ...)`` uniform floats in [0, 1), 23 random bits each."""
         shape = tuple(int(s) for s in shape)
         if not shape or shape[0] != self.batch:
             raise ValueError(f"SampleRandom draws per sample: shape must start with the batch ({self.batch}), "
@@ -80,12 +81,22 @@ class SampleRandom:
         self.draws += 1
         size = int(np.prod(shape[1:], dtype=np.int64))
         keys = lowbias32(self._keys ^ int(site), xp)  # (b,) this draw's key per sample
-        x = xp.arange(size, dtype=xp.uint32)  # (E,) element counters
-        x *= _GOLDEN
-        x = keys[:, None] + x[None, :]  # (b, E) uint32, wraps
-        bits = xp.right_shift(lowbias32(x, xp), 8)  # (b, E): the top 24 bits
-        out = bits.astype(dtype) * (1.0 / (1 << 24))
-        return out.reshape(shape)
+        x = self._counters(size)[None, :] + keys[:, None]  # (b, E) uint32: key + e * golden, wrapping
+        tmp = xp.empty_like(x)
+        lowbias32(x, xp, tmp)
+        bits = xp.right_shift(x, 9, out=tmp)  # (b, E): the top 23 bits ...
+        bits |= 0x3F800000  # ... as the mantissa of a float32 in [1, 2) (exponent 0): no int -> float conversion
+        out = bits.view(xp.float32)
+        out -= 1.0  # [0, 1), exact: multiples of 2^-23
+        return (out if np.dtype(dtype) == np.float32 else out.astype(dtype)).reshape(shape)
+
+    def _counters(self, size):
+        """``(E,)`` uint32 ``e * golden``, made once per size per step."""
+        if size not in self._counter_cache:
+            e = self.xp.arange(size, dtype=self.xp.uint32)
+            e *= _GOLDEN
+            self._counter_cache[size] = e
+        return self._counter_cache[size]
 
     def __getattr__(self, name):
         raise AttributeError(f"SampleRandom has no {name}(): training draws every random number per sample, with "
