@@ -745,9 +745,11 @@ class VisionTransformer:
     def load_state_dict(self, state_dict) -> None:
         """Load ``{key: array}`` (NumPy, or anything ``numpy.asarray`` takes on the host).
 
-        All or nothing: missing keys, unexpected keys, wrong shapes, non-numeric or
-        non-finite values are collected into one ``ValueError`` and nothing is loaded.
-        Values are cast to the model's dtype (an explicit, documented cast).
+        All or nothing: missing keys, unexpected keys, wrong shapes, integer or non-numeric
+        dtypes, non-finite values and values the model's dtype cannot hold (1e39 in float32)
+        are collected into one ``ValueError`` and nothing is loaded. Floating values are
+        copied and cast to the model's dtype (an explicit, documented cast); the model never
+        keeps a reference to the caller's arrays.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict of arrays, got {type(state_dict).__name__}")
@@ -768,7 +770,11 @@ class VisionTransformer:
             except Exception as exc:  # e.g. a torch tensor on a GPU
                 problems.append(f"{key}: cannot read as an array ({exc})")
                 continue
-            if value.dtype.kind not in "fiu":
+            if value.dtype.kind in "iub":
+                problems.append(f"{key}: dtype {value.dtype} is not floating point (weights are; cast explicitly, "
+                                f"e.g. v.astype('{self.dtype}'), if these integers really are weights)")
+                continue
+            if value.dtype.kind != "f":
                 problems.append(f"{key}: dtype {value.dtype} is not numeric")
                 continue
             if tuple(value.shape) != shape:
@@ -777,11 +783,16 @@ class VisionTransformer:
             if not np.all(np.isfinite(value)):
                 problems.append(f"{key}: holds non-finite values")
                 continue
+            limit = float(np.finfo(self.dtype).max)
+            if value.dtype.itemsize > np.dtype(self.dtype).itemsize and value.size and np.abs(value).max() > limit:
+                problems.append(f"{key}: values up to {float(np.abs(value).max()):.3g} overflow {self.dtype} "
+                                f"(largest {limit:.3g})")
+                continue
             host[key] = value
         if problems:
             raise ValueError("state dict does not fit this model; nothing was loaded:\n  " + "\n  ".join(problems))
-        for key, value in host.items():
-            self.params[key] = self.backend.asarray(np.ascontiguousarray(value), dtype=self.dtype)
+        for key, value in host.items():  # np.array copies: the model never shares the caller's arrays
+            self.params[key] = self.backend.asarray(np.array(value, dtype=self.dtype, order="C"))
         self.quant = None  # new float weights: any int8 / fake-quant records no longer describe them
         self.grads = {}
         self._cache = None

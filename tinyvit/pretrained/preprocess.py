@@ -45,22 +45,12 @@ def _pil():
 
 
 def load_image(path, mode: str = "RGB"):
-    """An image file -> a ``PIL.Image`` in ``mode`` (``"RGB"`` or ``"L"``; grey, palette, RGBA, CMYK are converted).
+    """An image file -> a ``PIL.Image`` in ``mode`` (``"RGB"`` or ``"L"``), or ``F`` in [0, 1] for
+    16-bit, float and 16-bit-in-32 sources; sizes checked before decoding
+    (:func:`tinyvit.images.load_image`). Raises ``FileNotFoundError`` / ``ValueError`` naming the file."""
+    from ..images import load_image as read
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or
-    not an image Pillow can decode (truncated files included).
-    """
-    Image = _pil()
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path!r} does not exist" if not os.path.exists(path)
-                                else f"image {path!r} is not a file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode)
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{path!r} is not an image Pillow can read ({exc})") from None
+    return read(path, mode)
 
 
 def resize_shorter(img, size: int):
@@ -221,12 +211,17 @@ class Preprocessing:
 
     def __call__(self, img) -> Preprocessed:
         """A PIL image or a path -> :class:`Preprocessed` ``(C, H, W)`` float32."""
+        from ..images import check_size, scaled
+
+        mode = "L" if self.channels == 1 else "RGB"
         if isinstance(img, (str, os.PathLike)):
-            img = load_image(img, "L" if self.channels == 1 else "RGB")
+            img = load_image(img, mode)
         elif not hasattr(img, "convert"):
             raise TypeError(f"img must be a PIL image or a path, got {type(img).__name__}")
-        mode = "L" if self.channels == 1 else "RGB"
-        if img.mode != mode:
+        else:
+            check_size(*img.size)
+            img = scaled(img)
+        if img.mode != "F" and img.mode != mode:
             img = img.convert(mode)
         height, width = self.image_size
         Image = _pil()
@@ -237,6 +232,11 @@ class Preprocessing:
             img = center_crop(resize_shorter(img, math.floor(height / self.crop_pct)), height)
         elif img.size != (width, height):
             img = img.resize((width, height), Image.BILINEAR)
+        if img.mode == "F":  # a 16-bit or float source, already in [0, 1]; grey (Pillow has no deeper colour)
+            x = np.asarray(img, dtype=np.float32)[None]  # (1, H, W)
+            x = np.repeat(x, self.channels, axis=0)  # (C, H, W)
+            shown = Image.fromarray(np.round(x[0] * 255).astype(np.uint8), "L").convert("RGB")
+            return Preprocessed(normalize(x, self.mean, self.std), shown)
         if self.name == "hf":
             x = (to_chw(img).astype(np.float64) * (1 / 255)).astype(np.float32)  # Hugging Face: float64 rescale
         else:

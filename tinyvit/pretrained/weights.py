@@ -99,12 +99,12 @@ def read_state_dict(path) -> dict:
 
 def _read_arrays(path: str) -> dict:
     """``.safetensors`` / ``.npz`` through :func:`tinyvit.training.checkpoint.load_arrays` (checksums, clear errors)."""
-    from ..training.checkpoint import load_arrays
+    from ..training.checkpoint import UnreadableDtype, load_arrays
 
     try:
         return load_arrays(path)
-    except ValueError as exc:
-        if "'BF16'" not in str(exc):
+    except UnreadableDtype as exc:
+        if exc.dtypes != {"BF16"}:
             raise
     return _read_bf16_safetensors(path)
 
@@ -127,6 +127,11 @@ def _read_torch(path: str) -> dict:
     except ImportError:
         raise RuntimeError(f"{path!r} is a PyTorch checkpoint; reading it needs PyTorch (pip install torch), "
                            f"or convert it to .safetensors elsewhere") from None
+    from ..training.checkpoint import MAX_FILE_BYTES
+
+    if os.path.getsize(path) > MAX_FILE_BYTES:
+        raise ValueError(f"{path!r}: {os.path.getsize(path):,} bytes, over the limit of {MAX_FILE_BYTES:,} "
+                         f"(TINYVIT_MAX_FILE_BYTES)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -488,14 +493,14 @@ def open_model(path, *, layout: str | None = None, heads: int | None = None, lay
     ``dtype`` defaults to the file's (tinyvit files) or float32.
     """
     from ..model import VisionTransformer
-    from ..training.checkpoint import load_arrays_and_metadata
+    from ..training.checkpoint import UnreadableDtype, load_arrays_and_metadata
 
     file = _check_path(path)
     if sniff_format(file) in ("safetensors", "npz"):
         try:
             arrays, raw = load_arrays_and_metadata(file)
-        except ValueError as exc:
-            if "'BF16'" not in str(exc):
+        except UnreadableDtype as exc:
+            if exc.dtypes != {"BF16"}:
                 raise
             arrays, raw = None, {}
         kind = _tinyvit_kind(raw)

@@ -207,8 +207,38 @@ def _read_bytes(path) -> bytes:
         raise ValueError(f"{path!r} is a directory, not an array file")
     if not os.path.exists(path):
         raise FileNotFoundError(f"array file {path!r} does not exist")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: {size:,} bytes, over the limit of {MAX_FILE_BYTES:,} (TINYVIT_MAX_FILE_BYTES)")
     with open(path, "rb") as f:
         return f.read()
+
+
+# safetensors dtypes NumPy has no type for: named in the error instead of a KeyError('BF16')
+NUMPY_LACKS = {"BF16": "bfloat16", "F8_E4M3": "float8 (e4m3)", "F8_E5M2": "float8 (e5m2)",
+               "F8_E8M0": "float8 (e8m0)", "F4": "float4", "F6_E2M3": "float6", "F6_E3M2": "float6"}
+
+
+class UnreadableDtype(ValueError):
+    """A safetensors file holds tensors of a dtype NumPy cannot hold (``dtypes``: their safetensors names)."""
+
+    def __init__(self, message: str, dtypes: set):
+        super().__init__(message)
+        self.dtypes = dtypes
+
+
+def _claims_tinyvit(metadata: dict) -> bool:
+    """True when metadata was written by tinyvit, so a checksum must be there: a tinyvit format,
+    tinyvit's own keys, or a key one or two bytes away from the checksum's (a flipped bit)."""
+    own = {"model_config", "train_config", "preprocessing", "labels", "optimizer", "rng", "extra", "layout",
+           "tinyvit.format", "step", "data"}
+    if str(metadata.get("format", "")).startswith("tinyvit") or own & set(metadata):
+        return True
+    for key in metadata:
+        if key.startswith("tinyvit") or (len(key) == len(HASH_KEY)
+                                          and sum(a != b for a, b in zip(key, HASH_KEY)) <= 2):
+            return True
+    return False
 
 
 def _parse_safetensors(path, data: bytes):
@@ -219,13 +249,32 @@ def _parse_safetensors(path, data: bytes):
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
         raise ValueError(f"{path}: truncated or corrupt (header of {size} bytes, file of {len(data)})")
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"{path}: a JSON header of {size:,} bytes, over the limit of {MAX_HEADER_BYTES:,}; "
+                         f"not parsed")
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         metadata = header.get("__metadata__") or {}
         if not isinstance(metadata, dict):
             raise ValueError("__metadata__ is not a map")
+    except Exception as exc:  # json, unicode
+        raise ValueError(f"{path}: corrupt safetensors file ({type(exc).__name__}: {exc})") from None
+    lacking = {}
+    for name, info in header.items():
+        dtype = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
+        if dtype in NUMPY_LACKS:
+            lacking.setdefault(dtype, []).append(name)
+    if lacking:
+        kinds = ", ".join(f"{NUMPY_LACKS[d]} ({len(v)} tensors, e.g. {v[0]})" for d, v in lacking.items())
+        raise UnreadableDtype(f"{path}: holds {kinds}, which NumPy has no type for; load_pretrained / tinyvit "
+                              f"predict read bfloat16 through PyTorch (widened to float32); float8/float4 weights "
+                              f"need dequantising by the library that wrote them (or save the file as float32)",
+                              set(lacking))
+    try:
         arrays = load(data)
-    except Exception as exc:  # json, unicode, SafetensorError
+    except Exception as exc:  # SafetensorError
         raise ValueError(f"{path}: corrupt safetensors file ({type(exc).__name__}: {exc})") from None
     return arrays, metadata
 
@@ -327,8 +376,11 @@ def load_arrays_and_metadata(path) -> tuple[dict, dict]:
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming the file for a
     directory, another format, a truncated or corrupt file, or a checksum mismatch."""
-    data = _read_bytes(path)
-    path = os.fspath(path)
+    return parse_arrays(_read_bytes(path), os.fspath(path))
+
+
+def parse_arrays(data: bytes, path: str = "<bytes>") -> tuple[dict, dict]:
+    """:func:`load_arrays_and_metadata` on a file's bytes (``path`` names it in errors)."""
     if data[:4] == b"PK\x03\x04":
         arrays, metadata = _parse_npz(path, data)
     elif len(data) >= 9 and data[8:9] == b"{":
@@ -338,6 +390,8 @@ def load_arrays_and_metadata(path) -> tuple[dict, dict]:
     else:
         raise ValueError(f"{path}: not a safetensors or .npz file (starts with {data[:8]!r})")
     expected = metadata.get(HASH_KEY)
+    if expected is None and _claims_tinyvit(metadata):
+        raise ValueError(f"{path}: written by tinyvit but its checksum ({HASH_KEY}) is missing: the file is corrupt")
     if expected is not None and expected != _digest(arrays, metadata):
         raise ValueError(f"{path}: checksum mismatch: the file is corrupt")
     return arrays, {k: v for k, v in metadata.items() if k != HASH_KEY}

@@ -95,7 +95,7 @@ NAMED_DATASETS = {"digits": load_digits, "mnist5k": load_mnist5k}
 
 def load_image_folder(root) -> Dataset:
     """``root/<class>/<image>`` -> :class:`Dataset`; classes sorted by folder name."""
-    from PIL import Image, UnidentifiedImageError
+    from ..images import read_pixels
 
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -112,11 +112,8 @@ def load_image_folder(root) -> Dataset:
         for file in files:
             path = os.path.join(folder, file)
             try:
-                with Image.open(path) as im:
-                    im.load()
-                    gray = im.mode in ("1", "L", "I", "I;16", "F")
-                    pixels = np.asarray(im.convert("L" if gray else "RGB"))
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                pixels, _ = read_pixels(path)  # float32 in [0, 1]: 8-bit / 255, 16-bit / 65535, float as is
+            except (OSError, ValueError) as exc:
                 raise ValueError(f"{path}: cannot read this image ({exc})") from None
             if first is None:
                 first = (path, pixels.shape[:2])
@@ -128,7 +125,7 @@ def load_image_folder(root) -> Dataset:
     channels = 1 if all(p.ndim == 2 for p in pictures) else 3
     stack = [p[None] if channels == 1 else (np.repeat(p[None], 3, 0) if p.ndim == 2 else p.transpose(2, 0, 1))
              for p in pictures]  # (C, H, W) each
-    images = np.stack(stack).astype(np.float32) / 255.0  # (M, C, H, W)
+    images = np.stack(stack).astype(np.float32)  # (M, C, H, W), already in [0, 1]
     return _check_dataset(images, np.asarray(labels), classes, root)
 
 
