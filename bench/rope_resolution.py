@@ -14,8 +14,8 @@ Each model is trained with ``tinyvit train``'s loop (the same recipe for all thr
 upsampled (bilinear); a RoPE model loads its weights unchanged into a model built at that
 size, a learned model gets its ``pos_embed`` resampled bicubic (``tinyvit.resample_pos_embed``,
 timm's rule). The same RoPE checkpoints are also read with their patch coordinates scaled
-by train grid / eval grid (``+interp``: EVA's and timm's ``ref_feat_shape`` rule), which keeps
-every angle inside the trained range, as resampling does for the learned table.
+by train grid / eval grid (``+interp``: ``rope_ref_grid``, EVA's and timm's ``ref_feat_shape``
+rule), which keeps every angle inside the trained range, as resampling does for the learned table.
 Results: a JSON file and a table on stdout (numbers in the README's RoPE section).
 
     python3 bench/rope_resolution.py --data digits --seeds 0 1 2 --out bench/results_rope_digits.json
@@ -37,7 +37,6 @@ from scipy import ndimage
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tinyvit import VisionTransformer, resample_pos_embed  # noqa: E402
-from tinyvit.layers.rope import rope_angles_forward, rope_axial_freqs, rope_positions  # noqa: E402
 from tinyvit.training.checkpoint import load_checkpoint  # noqa: E402
 from tinyvit.training.data import NAMED_DATASETS, split  # noqa: E402
 from tinyvit.training.train import TrainConfig, evaluate, train  # noqa: E402
@@ -60,21 +59,16 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 def model_at(ckpt, size: int, interpolate: bool = False) -> VisionTransformer:
     """The checkpoint's model rebuilt for ``size x size`` images: RoPE as it is (or, ``interpolate``, with
     its patch coordinates scaled back to the trained range), learned positions resampled bicubic."""
+    old = ckpt.meta["model_config"]["image_size"][0] // ckpt.meta["model_config"]["patch_size"]
     cfg = dict(ckpt.meta["model_config"], image_size=[size, size])
+    if interpolate:  # coordinates * old/new: the larger grid spans the trained range, more finely
+        cfg["rope_ref_grid"] = [old, old]
     model = VisionTransformer.from_config(cfg)
     params = dict(ckpt.params)
-    old = ckpt.meta["model_config"]["image_size"][0] // cfg["patch_size"]
-    new = size // cfg["patch_size"]
     if "pos_embed" in params:
+        new = size // cfg["patch_size"]
         params["pos_embed"] = resample_pos_embed(params["pos_embed"], new, (old, old), model.config.num_prefix_tokens)
     model.load_state_dict(params)
-    if interpolate:  # positions * old/new: the grid spans the trained coordinates, more finely
-        c = model.config
-        pos = rope_positions(new, new) * (old / new)  # (2, Np)
-        model._rope_pos = model.backend.asarray(pos, dtype=model.dtype)
-        if c.pos_embed == "rope_axial":
-            angles, _ = rope_angles_forward(rope_axial_freqs(c.dim // c.heads, c.rope_theta), pos)
-            model._rope_angles = model.backend.asarray(angles, dtype=model.dtype)
     return model
 
 

@@ -75,8 +75,11 @@ def test_whole_model_matches_pytorch(norm_first, pool, image_size, channels):
     dict(pos_embed="rope_mixed", heads=2),
     dict(pos_embed="rope_mixed", distilled=True, norm_first=False, rope_theta=3.0),
     dict(pos_embed="rope_mixed", pool="mean", qkv_bias=False),
+    dict(pos_embed="rope_axial", rope_ref_grid=(3, 2), heads=4, dim=32),
+    dict(pos_embed="rope_mixed", rope_ref_grid=(1, 2)),
 ], ids=["distilled", "tanh-noqkvbias", "sincos1d", "sincos2d-mean-postnorm", "eps1e-5-depth3", "rope-axial",
-        "rope-mixed", "rope-mixed-distilled-postnorm-theta3", "rope-mixed-mean"])
+        "rope-mixed", "rope-mixed-distilled-postnorm-theta3", "rope-mixed-mean",
+        "rope-axial-ref-grid", "rope-mixed-ref-grid"])
 def test_model_variants_match_pytorch(variant):
     kw = dict(image_size=(8, 12), patch_size=4, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=20, channels=3)
     m = perturbed_model(**{**kw, **variant})

@@ -169,6 +169,9 @@ def test_rope_on_the_strict_array():
     (dict(pos_embed="rope_axial", rope_theta="100"), "rope_theta must be a finite float > 0"),
     (dict(pos_embed="learned", rope_theta=100.0), "rope_theta is for pos_embed='rope_axial' or 'rope_mixed'"),
     (dict(pos_embed="rope"), "pos_embed must be one of .*'rope_axial', 'rope_mixed'"),
+    (dict(pos_embed="learned", rope_ref_grid=(2, 2)), "rope_ref_grid is for pos_embed='rope_axial' or 'rope_mixed'"),
+    (dict(pos_embed="rope_mixed", rope_ref_grid=(2, 0)), r"rope_ref_grid\[1\] must be an int >= 1, got 0"),
+    (dict(pos_embed="rope_mixed", rope_ref_grid="2x2"), r"rope_ref_grid must be a patch grid \(rows, columns\)"),
 ])
 def test_bad_rope_configs(kwargs, message):
     base = dict(image_size=8, patch_size=4, num_classes=2, dim=16, depth=1, heads=2, mlp_dim=8)
@@ -225,6 +228,9 @@ def test_a_rope_model_reads_a_larger_image_with_the_same_weights(tmp_path):
     assert again.config == small.config
     restore(ck, again, AdamW(lr=1e-3))
     np.testing.assert_array_equal(again.params["rope.freqs"], small.params["rope.freqs"])
+    interp = VisionTransformer(image_size=16, rope_ref_grid=2, **kw)  # a 4x4 grid read on the trained 2x2 range
+    assert interp.config.rope_ref_grid == (2, 2) and float(interp._rope_pos.max()) == 1.5
+    assert VisionTransformer.from_config(interp.config.to_dict()).config == interp.config
     other = VisionTransformer(image_size=8, **{**kw, "rope_theta": None})
     assert other.config.rope_theta == 10.0
     with pytest.raises(ValueError, match="checkpoint was written by a model with config"):

@@ -20,22 +20,26 @@ def torch_params(state_dict: dict, dtype=torch.float64) -> dict:
 # ---- 2D RoPE as the RoPE-ViT paper writes it (Heo et al. 2024, its reference code's structure):
 # positions t_x = n mod W, t_y = n div W; each head's pairs as complex numbers, multiplied by
 # cis(angle) = torch.polar(1, angle); the class token (the first T tokens) is not rotated.
-def rope_t_xy(end_x, end_y):
+def rope_t_xy(end_x, end_y, ref=None):
+    """Patch coordinates; with ``ref = (ref_y, ref_x)`` scaled to that grid (EVA's t / size * ref)."""
     t = torch.arange(end_x * end_y, dtype=torch.float64)
-    return t % end_x, torch.div(t, end_x, rounding_mode="floor")
+    t_x, t_y = t % end_x, torch.div(t, end_x, rounding_mode="floor")
+    if ref is not None:
+        t_x, t_y = t_x / end_x * ref[1], t_y / end_y * ref[0]
+    return t_x, t_y
 
 
-def rope_axial_cis(head_dim, end_x, end_y, theta=100.0):
+def rope_axial_cis(head_dim, end_x, end_y, theta=100.0, ref=None):
     """(Np, hs/2) complex: x angles on the first hs/4 pairs, y angles on the rest."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].to(torch.float64) / head_dim))
-    t_x, t_y = rope_t_xy(end_x, end_y)
+    t_x, t_y = rope_t_xy(end_x, end_y, ref)
     fx, fy = torch.outer(t_x, freqs), torch.outer(t_y, freqs)
     return torch.cat([torch.polar(torch.ones_like(fx), fx), torch.polar(torch.ones_like(fy), fy)], dim=-1)
 
 
-def rope_mixed_cis(freqs, end_x, end_y, heads):
+def rope_mixed_cis(freqs, end_x, end_y, heads, ref=None):
     """freqs (2, depth, heads * hs/2) -> (depth, heads, Np, hs/2) complex, differentiable in freqs."""
-    t_x, t_y = rope_t_xy(end_x, end_y)
+    t_x, t_y = rope_t_xy(end_x, end_y, ref)
     n, depth = t_x.shape[0], freqs.shape[1]
     fx = (t_x.unsqueeze(-1) @ freqs[0].unsqueeze(-2)).view(depth, n, heads, -1).permute(0, 2, 1, 3)
     fy = (t_y.unsqueeze(-1) @ freqs[1].unsqueeze(-2)).view(depth, n, heads, -1).permute(0, 2, 1, 3)
@@ -205,9 +209,9 @@ def torch_vit_forward(x, p, config, masks=None, fixed_pos=None):
     gh, gw = c.grid
     cis = [None] * c.depth
     if c.pos_embed == "rope_axial":
-        cis = [rope_axial_cis(c.dim // c.heads, gw, gh, c.rope_theta)] * c.depth
+        cis = [rope_axial_cis(c.dim // c.heads, gw, gh, c.rope_theta, c.rope_ref_grid)] * c.depth
     elif c.pos_embed == "rope_mixed":
-        cis = rope_mixed_cis(p["rope.freqs"].reshape(2, c.depth, -1), gw, gh, c.heads)
+        cis = rope_mixed_cis(p["rope.freqs"].reshape(2, c.depth, -1), gw, gh, c.heads, c.rope_ref_grid)
     else:
         x = x + (p["pos_embed"] if c.pos_embed == "learned" else fixed_pos)
     x = _drop(x, masks.get("emb"), c.emb_dropout)

@@ -108,6 +108,8 @@ class ViTConfig:
     tome_r: int = 0  # ToMe: tokens merged in every block (0: none; docs/tome.md)
     patch_drop_rate: float = 0.0  # PatchDropout in training: this share of the patch tokens dropped (timm's rule)
     block_heads: tuple | None = None  # heads of each block after pruning (None: `heads` everywhere); hs stays D/NH
+    rope_ref_grid: tuple | None = None  # 2D RoPE: scale patch coordinates to this (gh, gw) grid (a model trained
+    #                                     there, read at a larger size: position interpolation); None: patch indices
 
     def __post_init__(self):
         size = self.image_size
@@ -186,6 +188,16 @@ class ViTConfig:
             object.__setattr__(self, "rope_theta", float(theta))
         elif self.rope_theta is not None:
             raise ValueError(f"rope_theta is for pos_embed='rope_axial' or 'rope_mixed', not {self.pos_embed!r}")
+        if self.rope_ref_grid is not None:
+            ref = self.rope_ref_grid
+            if self.pos_embed not in ROPE_KINDS:
+                raise ValueError(f"rope_ref_grid is for pos_embed='rope_axial' or 'rope_mixed', not {self.pos_embed!r}")
+            if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
+                ref = (ref, ref)
+            if not (isinstance(ref, (tuple, list)) and len(ref) == 2):
+                raise ValueError(f"rope_ref_grid must be a patch grid (rows, columns), got {self.rope_ref_grid!r}")
+            object.__setattr__(self, "rope_ref_grid", (_check_int("rope_ref_grid[0]", ref[0]),
+                                                       _check_int("rope_ref_grid[1]", ref[1])))
         if self.pos_embed in ROPE_KINDS:  # RoPE turns q and k by each patch's grid position
             for name, on, why in (("tome_r", self.tome_r, "a merged token has no one grid position"),
                                   ("patch_drop_rate", self.patch_drop_rate, "not built for RoPE's angle tables"),
@@ -258,6 +270,8 @@ class ViTConfig:
         d["image_size"] = list(self.image_size)
         if d["block_heads"] is not None:
             d["block_heads"] = list(d["block_heads"])
+        if d["rope_ref_grid"] is not None:
+            d["rope_ref_grid"] = list(d["rope_ref_grid"])
         return d
 
 
@@ -381,13 +395,13 @@ class VisionTransformer:
                  layer_norm_eps=1e-6, backend=None, dtype="float32", seed=0, *, attn_dropout=0.0,
                  drop_path_rate=0.0, gelu="none", pos_embed="learned", distilled=False, qkv_bias=True,
                  attn_impl="plain", attn_block=DEFAULT_BLOCK, rope_theta=None, attn_window=0, attn_shift=False,
-                 precision="fp32", tome_r=0, patch_drop_rate=0.0, block_heads=None):
+                 precision="fp32", tome_r=0, patch_drop_rate=0.0, block_heads=None, rope_ref_grid=None):
         self.config = ViTConfig(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels,
                                 dropout, emb_dropout, attn_dropout, drop_path_rate, norm_first, pool,
                                 layer_norm_eps, gelu, pos_embed, distilled, qkv_bias, attn_impl=attn_impl,
                                 attn_block=attn_block, rope_theta=rope_theta, attn_window=attn_window,
                                 attn_shift=attn_shift, tome_r=tome_r, patch_drop_rate=patch_drop_rate,
-                                block_heads=block_heads)
+                                block_heads=block_heads, rope_ref_grid=rope_ref_grid)
         self.backend: Backend = get_backend(backend)
         self.dtype = check_dtype_name(dtype)
         self.precision = precision
@@ -404,6 +418,8 @@ class VisionTransformer:
         self._rope_pos = self._rope_angles = None
         if c.pos_embed in ROPE_KINDS:
             pos = rope_positions(*c.grid)  # (2, Np): column, row of each patch
+            if c.rope_ref_grid is not None:  # position interpolation (EVA, timm's ref_feat_shape): x * ref_w / gw
+                pos = pos * np.array([[c.rope_ref_grid[1] / c.grid[1]], [c.rope_ref_grid[0] / c.grid[0]]])
             self._rope_pos = self.backend.asarray(pos, dtype=self.dtype)
             if c.pos_embed == "rope_axial":  # fixed: one (1, Np, hs/2) table for every block and head
                 angles, _ = rope_angles_forward(rope_axial_freqs(c.dim // c.heads, c.rope_theta), pos)
