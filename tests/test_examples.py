@@ -33,6 +33,7 @@ PICTURES = {
     "06_distillation.py": ["06_distillation.png"],
     "07_vit_vs_cnn.py": ["07_vit_vs_cnn.png", "07_vit_attention.png"],
     "08_bring_your_own_layer.py": ["08_gradcheck.png"],
+    "09_workflow.py": ["09_workflow.png"],
     "10_cheaper_attention.py": ["10_flash_memory.png", "10_windows.png"],
     "12_data_parallel.py": ["12_data_parallel.png"],
     "14_cpu_kernels.py": ["14_cpu_kernels.png"],
