@@ -239,7 +239,7 @@ def mpiexec():
 
 FLAGS = dict(patch_size=4, dim=16, depth=2, heads=2, mlp_dim=32, batch_size=32, epochs=2, warmup_epochs=0.5,
              lr=3e-3, dtype="float64", test_fraction=0.85, eval_every=2, dropout=0.1, drop_path=0.2, pool="cls",
-             seed=3, **AUG)
+             seed=3, bucket_mb=0.0, **AUG)  # bucket 0: one Iallreduce per block, several in flight at once
 
 
 def _cli(**kw):
@@ -275,6 +275,7 @@ def test_two_ranks_train_what_one_process_trains(mpiexec, one_process, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("test accuracy") == 1, "rank 0 alone prints"
     assert "data parallel: 2 ranks" in done.stdout and "the weights are identical on every rank" in done.stdout
+    assert "in 4.0 buckets" in done.stdout, "one bucket per hook: head + norm, block 1, block 0, embeddings"
     two = load_checkpoint(tmp_path / "two" / "checkpoint.safetensors")
     assert two.meta["step"] == one["steps"]
     worst = _assert_weights_close(one["model"].state_dict(), two.params)
