@@ -12,7 +12,9 @@ max |a| per tensor: only the order of the sums differs) and the two ranks hold i
 weights; resuming a one-process checkpoint on 2 ranks lands on the same weights; a batch that
 does not split, ranks with different configs and a rank that fails to start give one error,
 from rank 0, and every rank exits.
+A NaN gradient or loss on one rank only skips that step on every rank.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -364,3 +366,45 @@ def test_nccl_communicator_calls_nccl_on_its_own_stream(monkeypatch):
     assert log[-1] == ("wait_event", "compute") and handle.buf is buf and handle.test()
     with pytest.raises(TypeError, match="float32/float64"):
         comm.allreduce_start(types.SimpleNamespace(data=None, size=1, dtype=np.dtype("int32")))
+
+
+NONFINITE_RANK = """
+import json, sys
+import numpy as np
+import tinyvit.training.train as T
+from tinyvit.distributed import world
+
+comm = world("numpy")
+real, calls = T.softmax_cross_entropy, [0]
+
+
+def poisoned(logits, t, smoothing):  # rank 1 only: a NaN gradient at its 3rd step, a NaN loss at its 5th
+    loss, d = real(logits, t, smoothing)
+    calls[0] += 1
+    if comm.rank == 1 and calls[0] == 3:
+        d = d * np.nan
+    if comm.rank == 1 and calls[0] == 5:
+        loss = loss * np.nan
+    return loss, d
+
+
+T.softmax_cross_entropy = poisoned
+s = T.train(T.TrainConfig(**json.loads(sys.argv[1])), progress=False, comm=comm)
+print(json.dumps({"rank": comm.rank, "skipped": s["skipped_steps"], "steps": s["steps"],
+                  "agree": s["ranks_agree"]}))
+"""
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(mpiexec, tmp_path):
+    """Rank 1 alone gets a NaN gradient (step 2) and a NaN loss (step 4): both ranks skip both steps
+    and end with identical weights; rank 0 never saw a NaN of its own."""
+    script = tmp_path / "nonfinite.py"
+    script.write_text(NONFINITE_RANK)
+    cfg = dict(FLAGS, epochs=1, warmup_epochs=0.5, out=str(tmp_path / "nan"))
+    done = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), json.dumps(cfg)], capture_output=True,
+                          text=True, timeout=120, env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        assert r["skipped"] == [2, 4] and r["agree"], r
