@@ -87,3 +87,24 @@ def test_attention_sweep_rows(tmp_path):
         assert r["peak_bytes"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"] and r["train_gflop"] > 0
         if r["variant"] == "plain":
             assert r["time_vs_plain"] == 1.0 and r["memory_vs_plain"] == 1.0
+
+
+def test_fewer_rows(tmp_path):
+    """``tinyvit bench --fewer``: ToMe at several r (r = 0 checked equal to the plain model first), half the
+    heads pruned (checked equal to the gated model first), PatchDropout, each with images/s and its ratio
+    to the plain model's in the same run; an r too large for the model is an error naming the largest."""
+    path = tmp_path / "fewer.json"
+    assert main(["bench", "--smoke", "--fewer", "--layers", "none", "--models", "none", "--backends", "numpy",
+                 "--no-jit", "--tome-r", "0,2,5", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["fewer"]
+    seen = {(r["kind"], r["variant"]) for r in rows}
+    assert {("inference", "plain"), ("inference", "ToMe r=2"), ("inference", "ToMe r=5"),
+            ("inference", "heads pruned 1/2 per block"), ("training step", "plain"),
+            ("training step", "ToMe r=5"), ("training step", "PatchDropout 0.5")} <= seen
+    for r in rows:
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["images_per_s"] > 0
+        if r["variant"] == "plain":
+            assert r["vs_plain"] == 1.0
+    assert {r["tokens_after_last_block"] for r in rows if r["variant"] == "ToMe r=5"} == {17 - 2 * 5}
+    assert main(["bench", "--smoke", "--fewer", "--layers", "none", "--models", "none", "--backends", "numpy",
+                 "--no-jit", "--tome-r", "6"]) == 1

@@ -37,6 +37,7 @@ PICTURES = {
     "10_cheaper_attention.py": ["10_flash_memory.png", "10_windows.png"],
     "12_data_parallel.py": ["12_data_parallel.png"],
     "14_cpu_kernels.py": ["14_cpu_kernels.png"],
+    "13_fewer_tokens.py": ["13_fewer_tokens.png"],
     "15_rope.py": ["15_rope.png"],
 }
 

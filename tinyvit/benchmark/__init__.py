@@ -209,6 +209,20 @@ def _run_bench(args) -> int:
                                                            memory=not args.no_memory)
         print(f"## Cheaper attention: a training step per attention (batch {att_batch})\n")
         print(report.attention_table(results["attention"]) + "\n")
+    # ---- fewer tokens, fewer heads: ToMe, pruned heads, PatchDropout against the plain model
+    if args.fewer:
+        from .fewer import fewer_sweep, fewer_table
+
+        few_models = ("smoke",) if args.smoke else (_csv(args.models) if args.models and args.models != "none"
+                                                    else ("vit_ti16", "vit_s16", "vit_b16"))
+        few_batch = batches[0] if args.batch else (2 if args.smoke else 8)
+        rs = _csv(args.tome_r, int) if args.tome_r else None
+        results["fewer"] = []
+        for name in few_models:
+            results["fewer"] += fewer_sweep(SMOKE_CFG if name == "smoke" else name, few_batch, args.dtype, repeats,
+                                            rs, torch="torch-cpu" in backends)
+        print(f"## Fewer tokens, fewer heads: images/s against the plain model (batch {few_batch})\n")
+        print(fewer_table(results["fewer"]) + "\n")
     if skipped:
         print("Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + "\n")
     results["wall_s"] = time.perf_counter() - start
@@ -278,6 +292,10 @@ def register(subparsers) -> None:
                         "--sizes (default 224,448,640) and --batch (default 8): time and peak memory, same run")
     p.add_argument("--windows", help="window sizes M for --attention (comma list; used where M divides the grid; "
                    "default 7,8)")
+    p.add_argument("--fewer", action="store_true",
+                   help="fewer tokens and heads: ToMe at several r, half the heads pruned, PatchDropout 0.5, against "
+                        "the plain model and PyTorch, inference and training step (ViT-Ti/S/B at 224 or --models)")
+    p.add_argument("--tome-r", help="with --fewer: comma list of ToMe r (default: 0, a quarter, half, 13, the largest)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-jit", action="store_true", help="skip timing the first call of the numba loops "
                    "(two fresh processes: empty cache, then cached)")
