@@ -167,7 +167,9 @@ def preprocessing_for(loaded, recipe: str = "auto"):
 def describe(loaded, recipe: str = "auto") -> list:
     c = loaded.model.config
     pre = preprocessing_for(loaded, recipe)
-    lines = [f"{loaded.kind} file ({loaded.layout} layout) -> ViT {c.image_size[0]}x{c.image_size[1]}, "
+    what = {"checkpoint": "tinyvit training checkpoint", "export": f"tinyvit export ({loaded.layout} layout)"}.get(
+        loaded.kind, f"{loaded.layout} file")
+    lines = [f"{what} -> ViT {c.image_size[0]}x{c.image_size[1]}, "
              f"patch {c.patch_size}, {c.channels} channel{'s' if c.channels > 1 else ''}, dim {c.dim}, depth {c.depth}, "
              f"heads {c.heads}, {c.num_classes} classes, eps {c.layer_norm_eps:g}, gelu {c.gelu}, "
              f"{'pre' if c.norm_first else 'post'}-norm, pool {c.pool}; preprocessing: {pre.describe()}"]
@@ -285,7 +287,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_predict)
     p = subparsers.add_parser("attention", help="draw a ViT's attention over an image")
     add_weights_arguments(p, image=True)
-    p.add_argument("-o", "--output", required=True, help="the PNG to write")
+    p.add_argument("-o", "--output", required=True,
+                   help="the picture to write; its suffix names the format: .png, .jpg/.jpeg, .pdf or .svg")
     p.set_defaults(func=run_attention)
     p = subparsers.add_parser("export", help="write a weights file (e.g. a training checkpoint) for other libraries "
                                              "or for tinyvit, with its config, labels and preprocessing")
