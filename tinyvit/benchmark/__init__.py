@@ -151,8 +151,11 @@ def _run_bench(args) -> int:
             print(f"CuPy vs NumPy crossover: not measured ({why})\n")
 
     # ---- the compiled loops' first call
-    if args.smoke or args.no_jit:
-        print("First call of the compiled loops: not measured (" + ("--smoke" if args.smoke else "--no-jit") + ")\n")
+    elementwise = {"gelu", "gelu_tanh", "layernorm", "softmax"} & set(layer_names)
+    why_not = "--smoke" if args.smoke else "--no-jit" if args.no_jit else \
+        "no model and no GELU/LayerNorm/softmax row asked for" if not (model_names or elementwise) else None
+    if why_not:
+        print(f"First call of the compiled loops: not measured ({why_not})\n")
     else:
         results["jit"] = jit = first_call_cost()
         print("## First call of the compiled CPU loops (numba)\n")

@@ -148,11 +148,11 @@ def attention_backward(dout, cache: AttentionCache):
     dqkv = xp.empty((batch, tokens, 3, heads, head_size), dtype=dout.dtype)  # (B, N, 3, NH, hs)
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, NH, N, hs) views
     if precision == "fp32":
-        xp.matmul(cache.att_d.swapaxes(-1, -2), dy, out=dv)  # dv = att_d^T @ dy: (B, NH, N, N) @ (B, NH, N, hs)
+        kernels.matmul(cache.att_d.swapaxes(-1, -2), dy, out=dv)  # dv = att_d^T @ dy: (B, NH, N, N) @ (B, NH, N, hs)
         del dy
         # scores = q @ k^T * scale
-        xp.matmul(dscores, cache.k, out=dq)  # dq = dscores @ k: (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
-        xp.matmul(dscores.swapaxes(-1, -2), cache.q, out=dk)  # dk = dscores^T @ q -> (B, NH, N, hs)
+        kernels.matmul(dscores, cache.k, out=dq)  # dq = dscores @ k: (B, NH, N, N) @ (B, NH, N, hs) -> (B, NH, N, hs)
+        kernels.matmul(dscores.swapaxes(-1, -2), cache.q, out=dk)  # dk = dscores^T @ q -> (B, NH, N, hs)
     else:  # the same three products in fp16 / bf16 (a rounded result cannot be written in place)
         dv[...] = lowp_matmul(cache.att_d.swapaxes(-1, -2), dy, precision)
         del dy
