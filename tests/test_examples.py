@@ -35,6 +35,7 @@ PICTURES = {
     "08_bring_your_own_layer.py": ["08_gradcheck.png"],
     "09_workflow.py": ["09_workflow.png"],
     "10_cheaper_attention.py": ["10_flash_memory.png", "10_windows.png"],
+    "11_lower_precision.py": ["11_precision_curves.png", "11_int8_grid.png"],
     "12_data_parallel.py": ["12_data_parallel.png"],
     "14_cpu_kernels.py": ["14_cpu_kernels.png"],
     "13_fewer_tokens.py": ["13_fewer_tokens.png"],

@@ -23,14 +23,19 @@ from ..layers.layernorm import layernorm_backward, layernorm_forward
 from ..layers.linear import linear_backward, linear_forward
 from ..layers.mlp import mlp_backward, mlp_forward
 from ..layers.patch_embed import patch_embed_backward, patch_embed_forward
+from ..layers.quant import Int8Weight, quantize_weight
 from ..layers.rope import rope_angles_forward, rope_backward, rope_forward, rope_mixed_freqs, rope_positions
 from . import timing, torch_ref
 
 LAYERS = ("patch_embed", "linear", "layernorm", "gelu", "gelu_tanh", "softmax", "attention", "rope", "attention_rope",
-          "mlp", "block")
+          "mlp", "block", "linear_fp16", "linear_bf16", "linear_int8")
+LOWP = {"linear_fp16": "fp16", "linear_bf16": "bf16"}  # mixed precision vs torch.autocast (CPU, or CUDA)
 
 # (rows compared) tolerance of tinyvit float32 vs PyTorch float32, max|a-b| / max|b|
 TOL = {"float32": 1e-4, "float64": 1e-10}
+# the lower-precision rows: fp16 / bf16 against torch.autocast (rounding at other places), int8 (tinyvit's static
+# int8 and PyTorch's dynamic int8, forward only) against the float32 layer
+TOL_LAYER = {"linear_fp16": 5e-3, "linear_bf16": 3e-2, "linear_int8": 3e-2}
 
 
 @contextmanager
@@ -133,7 +138,7 @@ class Case:
             self.inputs, self.out_shape = {"x": x, "w": w * 0.05, "b": bias}, (b, n - 1, d)
             self.shape = f"({b}, 3, {img}, {img}) -> ({b}, {n - 1}, {d})"
             fl = flops.linear_flops(b * (n - 1), 3 * p_size * p_size, d)
-        elif layer == "linear":
+        elif layer in ("linear", "linear_fp16", "linear_bf16", "linear_int8"):
             x, w, bias = _rng_arrays(0, (b, n, d), (f, d), (f,), dtype=dtype)
             self.inputs, self.out_shape = {"x": x, "w": w * 0.05, "b": bias}, (b, n, f)
             self.shape = f"({b}, {n}, {d}) @ ({d}, {f})"
@@ -197,6 +202,14 @@ class Case:
             else:
                 fwd = lambda: linear_forward(a["x"], a["w"], a["b"])  # noqa: E731
                 bwd = lambda c: linear_backward(dout, c)[0]  # noqa: E731
+        elif layer in LOWP:
+            fwd = lambda: linear_forward(a["x"], a["w"], a["b"], LOWP[layer])  # noqa: E731
+            bwd = lambda c: linear_backward(dout, c)[0]  # noqa: E731
+        elif layer == "linear_int8":  # static int8: the input scale from this input's range (calibration)
+            q, s = quantize_weight(self.inputs["w"])
+            w8 = Int8Weight(be.asarray(q), be.asarray(s), be.asarray(np.float32(np.abs(self.inputs["x"]).max() / 127)))
+            fwd = lambda: linear_forward(a["x"], w8, a["b"])  # noqa: E731
+            bwd = None
         elif layer == "layernorm":
             fwd = lambda: layernorm_forward(a["x"], a["w"], a["b"], 1e-6)  # noqa: E731
             bwd = lambda c: layernorm_backward(dout, c)[0]  # noqa: E731
@@ -262,6 +275,24 @@ class Case:
             f = lambda: F.conv2d(t["x"], t["w"], t["b"], stride=t["w"].shape[-1]).flatten(2).transpose(1, 2)  # noqa: E731
         elif layer == "linear":
             f = lambda: F.linear(t["x"], t["w"], t["b"])  # noqa: E731
+        elif layer in LOWP:  # autocast: the product in fp16 / bf16, the result back in float32 for the comparison
+            def f():
+                with torch.autocast(device, dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[LOWP[layer]])):
+                    out = F.linear(t["x"], t["w"], t["b"])
+                return out.float()
+        elif layer == "linear_int8":  # PyTorch's dynamic int8 linear (per-channel weights), forward only
+            if device != "cpu":
+                raise RuntimeError("torch.ao dynamic quantisation runs on the CPU only")
+            from ..quantize.torch_anchor import dynamic_int8
+            lin = torch.nn.Linear(self.dim, self.hidden)
+            lin.weight.data, lin.bias.data = t["w"].detach().clone(), t["b"].detach().clone()
+            qlin = dynamic_int8(torch.nn.Sequential(lin), per_channel=True)
+            x_in = t["x"].detach()
+
+            def fwd():
+                with torch.no_grad():
+                    return qlin(x_in)
+            return fwd, None, F.linear(t["x"], t["w"], t["b"])  # the float layer: the reference
         elif layer == "layernorm":
             f = lambda: F.layer_norm(t["x"], (self.dim,), t["w"], t["b"], 1e-6)  # noqa: E731
         elif layer in ("gelu", "gelu_tanh"):
@@ -293,7 +324,7 @@ class Case:
     def torch_reference(self):
         """PyTorch CPU output and dx on the host, float64 arrays: the check every variant must pass."""
         _, bwd, out = self.torch_fns("cpu")
-        return out.detach().double().numpy(), bwd().double().numpy()
+        return out.detach().double().numpy(), None if bwd is None else bwd().double().numpy()
 
 
 def _host(x):
@@ -353,12 +384,13 @@ def bench_layer(case: Case, backends, repeats: int, skipped: dict) -> list:
             checks[name] = _rel(_host(out), want)
         else:
             checks[name] = _rel(_host(out), ref_out)
-            if bwd is not None:
+            if bwd is not None and ref_dx is not None:
                 dx = bwd() if name.startswith("torch") else bwd(cache)
                 checks[name] = max(checks[name], _rel(_host(dx), ref_dx))
-        if checks[name] > TOL[case.dtype]:
+        tol = TOL_LAYER.get(case.layer, TOL[case.dtype])
+        if checks[name] > tol:
             raise AssertionError(f"{case.layer} {name}: relative error {checks[name]:.1e} vs PyTorch "
-                                 f"> {TOL[case.dtype]:.0e}; not timing a wrong result")
+                                 f"> {tol:.0e}; not timing a wrong result")
     for pass_ in ("forward", "backward"):
         fns, xps = {}, {}
         for name, (fwd, bwd, xp) in runs.items():

@@ -1,6 +1,6 @@
 """Lower-precision matrix products: the rule of PyTorch's autocast, written out.
 
-Derivation: docs/mixed_precision.md
+Derivation: docs/mixed_precision.md (the learners' tour: examples/11_lower_precision.py)
 
 Mixed precision changes only the matrix products. Every other op (LayerNorm and its
 statistics, softmax, GELU, dropout, the residual adds, the loss, the bias-gradient sums)

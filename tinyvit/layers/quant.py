@@ -1,7 +1,7 @@
 """INT8: symmetric quantisation, the int8 linear layer (inference, exact int32 accumulation), and
 fake quantisation with its straight-through backward (quantisation-aware training).
 
-Derivation: docs/quantization.md
+Derivation: docs/quantization.md (the learners' tour: examples/11_lower_precision.py)
 
 Symmetric int8 with scale ``s`` (no zero point)::
 

@@ -1,6 +1,6 @@
 """Dynamic loss scaling for fp16 training, step for step as ``torch.amp.GradScaler``.
 
-Derivation: docs/mixed_precision.md
+Derivation: docs/mixed_precision.md (the learners' tour: examples/11_lower_precision.py)
 
 fp16 has 5 exponent bits: gradients below 2^-24 round to zero in the fp16 products of the
 backward. Multiplying the loss by ``S`` multiplies every gradient by ``S`` (the backward is
