@@ -141,7 +141,7 @@ def test_scores_depend_only_on_the_offset_between_patches(kind):
 
 
 def test_rope_on_the_strict_array():
-    """Forward and backward of the layer and of a RoPE-Mixed model never leave the device."""
+    """Forward and backward of the layer and of RoPE models (also with patch dropout) never leave the device."""
     rng = np.random.default_rng(5)
     xs = strict_xp.asarray(rng.standard_normal((B, NH, 1 + NP, HS)).astype("float32"))
     fs = strict_xp.asarray(rng.standard_normal((2, NH, HS // 2)).astype("float32"))
@@ -152,9 +152,9 @@ def test_rope_on_the_strict_array():
     dfreqs = rope_angles_backward(dangles, acache)
     assert all(isinstance(a, StrictArray) for a in (angles, out, dx, dangles, dfreqs))
     strict = Backend("strict", strict_xp)
-    for kind in ("rope_axial", "rope_mixed"):
+    for kind, drop in (("rope_axial", 0.0), ("rope_mixed", 0.0), ("rope_axial", 0.5), ("rope_mixed", 0.5)):
         m = model_on(strict, image_size=(8, 12), patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=16,
-                     pos_embed=kind, dtype="float32", attn_dropout=0.1)
+                     pos_embed=kind, dtype="float32", attn_dropout=0.1, patch_drop_rate=drop)
         x = strict.asarray(rng.standard_normal((2, 3, 8, 12)).astype("float32"))
         loss, dlogits = softmax_cross_entropy(m.forward(x, train=True), np.array([0, 2]))
         m.backward(dlogits)
@@ -295,3 +295,54 @@ def test_tinyvit_train_with_rope(tmp_path, capsys):
     rc = main(["train", "--epochs", "1", "--warmup-epochs", "0", "--pos-embed", "rope_axial", "--rope-theta", "-3",
                "--out", str(tmp_path / "bad"), "--no-progress"])
     assert rc == 1 and "rope_theta must be a finite float > 0, got -3.0" in capsys.readouterr().err
+
+
+def test_per_image_angles_match_finite_differences():
+    """Patch dropout keeps other patches in each image: positions (B, 2, K) -> angles (B, NHf, K, hs/2)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((B, NH, 1 + 4, HS))
+    for heads in (1, NH):
+        check(lambda x_, a_: rope_forward(x_, a_, 1), rope_backward,
+              [x, rng.standard_normal((B, heads, 4, HS // 2))], ["x", "angles (B, NHf, K, hs/2)"])
+    pos = rng.random((B, 2, 4)) * 3
+    check(lambda f: rope_angles_forward(f, pos), lambda d, c: (rope_angles_backward(d, c),),
+          [rng.standard_normal((2, NH, HS // 2))], ["freqs (per-image positions)"])
+    with pytest.raises(ValueError, match="rope angles are for 3 images but the input has 2"):
+        rope_forward(x, np.zeros((3, 1, 4, HS // 2)), 1)
+
+
+@pytest.mark.parametrize("kind", ["rope_axial", "rope_mixed"])
+def test_patch_dropout_keeps_each_patch_at_its_place(kind):
+    """Patch dropout that keeps every patch but shuffles them (rate 0, injected noise): with RoPE the positions
+    travel with the tokens, so logits and every gradient equal the unshuffled model's (float64, 1e-12)."""
+    kw = dict(image_size=(8, 12), patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=16, pos_embed=kind,
+              dtype="float64", seed=5, pool="cls")
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 8, 12))
+    dlogits = rng.standard_normal((2, 3))
+    plain, dropped = VisionTransformer(**kw), VisionTransformer(patch_drop_rate=0.0, **kw)
+    ref = plain.forward(x, train=True)
+    dx_ref = plain.backward(dlogits)
+    out = dropped.forward(x, train=True, masks={"patch_drop": rng.random((2, 6))})
+    dx = dropped.backward(dlogits)
+    assert_close("logits", out, ref, rtol=1e-12, atol=1e-12)
+    assert_close("dx", dx, dx_ref, rtol=1e-12, atol=1e-12)
+    for k in plain.grads:
+        assert_close(k, dropped.grads[k], plain.grads[k], rtol=1e-12, atol=1e-12)
+
+
+def test_rope_mixed_with_patch_dropout_matches_finite_differences():
+    """Half the patches dropped, a different half per image: dL/dx and dL/d rope.freqs by central differences."""
+    from tests.test_tome import numeric_grad
+
+    m = VisionTransformer(image_size=8, patch_size=2, num_classes=3, dim=16, depth=1, heads=2, mlp_dim=16,
+                          pos_embed="rope_mixed", patch_drop_rate=0.5, dtype="float64", seed=1, pool="mean")
+    x = np.random.default_rng(11).standard_normal((2, 3, 8, 8))
+    noise = np.random.default_rng(12).random((2, 16))
+    dlogits = np.random.default_rng(13).standard_normal((2, 3))
+    m.forward(x, train=True, masks={"patch_drop": noise})
+    dx = m.backward(dlogits)
+    f = lambda: m.forward(x, train=True, masks={"patch_drop": noise})  # noqa: E731
+    assert_close("dx", dx, numeric_grad(f, x, dlogits), **FD_TOLERANCE)
+    assert_close("rope.freqs", m.grads["rope.freqs"], numeric_grad(f, m.params["rope.freqs"], dlogits),
+                 **FD_TOLERANCE)

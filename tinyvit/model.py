@@ -200,7 +200,6 @@ class ViTConfig:
                                                        _check_int("rope_ref_grid[1]", ref[1])))
         if self.pos_embed in ROPE_KINDS:  # RoPE turns q and k by each patch's grid position
             for name, on, why in (("tome_r", self.tome_r, "a merged token has no one grid position"),
-                                  ("patch_drop_rate", self.patch_drop_rate, "not built for RoPE's angle tables"),
                                   ("block_heads", self.block_heads is not None and self.pos_embed == "rope_mixed",
                                    "rope.freqs has one row per head of every block")):
                 if on:
@@ -591,11 +590,17 @@ class VisionTransformer:
 
         block_caches = []
         rope_cache = None
+        rope_pos, fixed_angles = self._rope_pos, self._rope_angles  # (2, Np); (1, Np, hs/2) axial, else None
+        if c.pos_embed in ROPE_KINDS and patch_drop_cache.rank is not None:  # each image kept K of its patches
+            kept = array_module(x).argsort(patch_drop_cache.rank, axis=-1)[:, :patch_drop_cache.num_keep]  # (B, K)
+            rope_pos = self._rope_pos[:, kept].transpose(1, 0, 2)  # (B, 2, K): the kept patches' own places
+            if fixed_angles is not None:
+                fixed_angles = fixed_angles[0][kept][:, None]  # (B, 1, K, hs/2)
         size = None  # ToMe's token sizes (B, N, 1); None while nothing is merged
         for i, drop_path in enumerate(c.drop_path_rates()):
-            angles = self._rope_angles  # (1, Np, hs/2) axial, None without RoPE
-            if c.pos_embed == "rope_mixed":  # this block's learned frequencies -> (NH, Np, hs/2)
-                angles, rope_cache = rope_angles_forward(p["rope.freqs"][:, i], self._rope_pos)
+            angles = fixed_angles  # axial, None without RoPE
+            if c.pos_embed == "rope_mixed":  # this block's learned frequencies -> ([B,] NH, Np or K, hs/2)
+                angles, rope_cache = rope_angles_forward(p["rope.freqs"][:, i], rope_pos)
             x, block_cache = block_forward(
                 x, self._block_params(i, p), c.heads_of(i), c.layer_norm_eps, c.norm_first, c.dropout, c.attn_dropout,
                 drop_path, c.gelu, train, rng, masks.get(f"blocks.{i}"), attn_impl=c.attn_impl,

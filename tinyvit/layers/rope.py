@@ -4,7 +4,9 @@ Derivation: docs/rope.md (the learners' tour: examples/15_rope.py)
 
 Shapes: ``B`` batch, ``NH`` heads, ``N = T + Np`` tokens (``T`` prefix tokens, ``Np`` patches
 on a ``gh x gw`` grid, row-major), ``hs`` head size, ``hs/2`` pairs. ``NHf`` is the heads axis
-of a frequency or angle table: ``NH``, or 1 for a table every head shares (axial).
+of a frequency or angle table: ``NH``, or 1 for a table every head shares (axial). An angle
+table ``(NHf, Np, hs/2)`` serves the whole batch; with patch dropout each image keeps other
+patches, so positions ``(B, 2, K)`` and angles ``(B, NHf, K, hs/2)`` come per image.
 
 Each head's query (and key) is read as ``hs/2`` pairs ``(a_j, b_j) = (x[2j], x[2j+1])``, the
 complex number ``a_j + i b_j`` (the paper's ``view_as_complex``). The patch token at column
@@ -94,25 +96,28 @@ class RopeAnglesCache(NamedTuple):
 
 
 def rope_angles_forward(freqs, pos):
-    """``freqs: (2, NHf, hs/2), pos: (2, Np) -> angles: (NHf, Np, hs/2) = cx fx + cy fy``."""
+    """``freqs: (2, NHf, hs/2), pos: (2, Np) -> angles: (NHf, Np, hs/2) = cx fx + cy fy``;
+    per-image positions ``pos: (B, 2, K)`` (patch dropout) give ``angles: (B, NHf, K, hs/2)``."""
     if freqs.ndim != 3 or freqs.shape[0] != 2:
         raise ValueError(f"rope freqs must be (2, heads, hs/2), got {tuple(freqs.shape)}")
-    if pos.ndim != 2 or pos.shape[0] != 2:
-        raise ValueError(f"rope positions must be (2, Np), got {tuple(pos.shape)}")
-    cx, cy = pos[0][None, :, None], pos[1][None, :, None]  # (1, Np, 1)
-    angles = cx * freqs[0][:, None, :] + cy * freqs[1][:, None, :]  # (NHf, Np, hs/2)
+    if pos.ndim not in (2, 3) or pos.shape[-2] != 2:
+        raise ValueError(f"rope positions must be (2, Np) or per image (B, 2, Np), got {tuple(pos.shape)}")
+    cx, cy = pos[..., 0, None, :, None], pos[..., 1, None, :, None]  # ([B,] 1, Np, 1)
+    angles = cx * freqs[0][:, None, :] + cy * freqs[1][:, None, :]  # ([B,] NHf, Np, hs/2)
     return angles, RopeAnglesCache(pos)
 
 
 def rope_angles_backward(dangles, cache: RopeAnglesCache):
-    """``dangles: (NHf, Np, hs/2) -> dfreqs: (2, NHf, hs/2)``: ``dfx = sum_n cx dangles``, same for y."""
+    """``dangles: ([B,] NHf, Np, hs/2) -> dfreqs: (2, NHf, hs/2)``: ``dfx = sum_n cx dangles``, same for y
+    (and summed over the images when the positions were per image)."""
     xp = array_module(dangles)
-    return xp.einsum("hnj,an->ahj", dangles, cache.pos.astype(dangles.dtype))
+    rule = "bhnj,ban->ahj" if dangles.ndim == 4 else "hnj,an->ahj"
+    return xp.einsum(rule, dangles, cache.pos.astype(dangles.dtype))
 
 
 class RopeCache(NamedTuple):
-    cos: object  # (NHf, Np, hs/2)
-    sin: object  # (NHf, Np, hs/2)
+    cos: object  # ([B,] NHf, Np, hs/2)
+    sin: object  # ([B,] NHf, Np, hs/2)
     out: object  # (B, NH, N, hs): the rotated tensor (attention keeps it anyway as its q or k)
     num_prefix: int
 
@@ -120,18 +125,21 @@ class RopeCache(NamedTuple):
 def _check_rope_input(x, angles, num_prefix):
     if x.ndim != 4:
         raise ValueError(f"rope input must be (B, NH, N, hs), got {x.ndim}-D {tuple(x.shape)}")
-    if angles.ndim != 3:
-        raise ValueError(f"rope angles must be (heads or 1, Np, hs/2), got {tuple(angles.shape)}")
-    _, heads, tokens, head_size = x.shape
-    if head_size % 2 or angles.shape[2] != head_size // 2:
-        raise ValueError(f"rope angles have {angles.shape[2]} pairs per head but the head size is {head_size} "
+    if angles.ndim not in (3, 4):
+        raise ValueError(f"rope angles must be (heads or 1, Np, hs/2) or per image (B, heads or 1, Np, hs/2), "
+                         f"got {tuple(angles.shape)}")
+    batch, heads, tokens, head_size = x.shape
+    if angles.ndim == 4 and angles.shape[0] != batch:
+        raise ValueError(f"rope angles are for {angles.shape[0]} images but the input has {batch}")
+    if head_size % 2 or angles.shape[-1] != head_size // 2:
+        raise ValueError(f"rope angles have {angles.shape[-1]} pairs per head but the head size is {head_size} "
                          f"(expected {head_size // 2} pairs)")
-    if angles.shape[0] not in (1, heads):
-        raise ValueError(f"rope angles are for {angles.shape[0]} heads but the input has {heads}")
+    if angles.shape[-3] not in (1, heads):
+        raise ValueError(f"rope angles are for {angles.shape[-3]} heads but the input has {heads}")
     if isinstance(num_prefix, bool) or not isinstance(num_prefix, (int, np.integer)) or num_prefix < 0:
         raise ValueError(f"num_prefix must be an int >= 0, got {num_prefix!r}")
-    if tokens - num_prefix != angles.shape[1]:
-        raise ValueError(f"rope angles are for {angles.shape[1]} patches but the input has {tokens} tokens with "
+    if tokens - num_prefix != angles.shape[-2]:
+        raise ValueError(f"rope angles are for {angles.shape[-2]} patches but the input has {tokens} tokens with "
                          f"{num_prefix} prefix tokens ({tokens - num_prefix} patches); build the angles for "
                          f"this image's patch grid")
 
@@ -139,12 +147,13 @@ def _check_rope_input(x, angles, num_prefix):
 def rope_forward(x, angles, num_prefix: int = 1):
     """Turn each pair of ``x`` by its angle; the first ``num_prefix`` tokens (class token) pass unturned.
 
-    ``x: (B, NH, N, hs), angles: (NHf, Np, hs/2) with N = num_prefix + Np -> out: (B, NH, N, hs)``.
+    ``x: (B, NH, N, hs), angles: (NHf, Np, hs/2) with N = num_prefix + Np -> out: (B, NH, N, hs)``;
+    angles per image ``(B, NHf, Np, hs/2)`` are taken as they come (patch dropout).
     """
     _check_rope_input(x, angles, num_prefix)
     xp = array_module(x)
     t = num_prefix
-    cos, sin = xp.cos(angles), xp.sin(angles)  # (NHf, Np, hs/2), broadcast over the batch
+    cos, sin = xp.cos(angles), xp.sin(angles)  # ([B,] NHf, Np, hs/2), broadcast over the batch and heads
     a, b = x[:, :, t:, 0::2], x[:, :, t:, 1::2]  # (B, NH, Np, hs/2) each
     out = xp.empty_like(x)
     out[:, :, :t] = x[:, :, :t]
@@ -154,7 +163,7 @@ def rope_forward(x, angles, num_prefix: int = 1):
 
 
 def rope_backward(dout, cache: RopeCache):
-    """``dout: (B, NH, N, hs) -> dx: (B, NH, N, hs), dangles: (NHf, Np, hs/2)``."""
+    """``dout: (B, NH, N, hs) -> dx: (B, NH, N, hs), dangles`` shaped as the forward's angles."""
     xp = array_module(dout)
     t, cos, sin = cache.num_prefix, cache.cos, cache.sin
     da, db = dout[:, :, t:, 0::2], dout[:, :, t:, 1::2]  # (B, NH, Np, hs/2) each
@@ -163,7 +172,9 @@ def rope_backward(dout, cache: RopeCache):
     dx[:, :, t:, 0::2] = da * cos + db * sin  # the turn back by -theta
     dx[:, :, t:, 1::2] = db * cos - da * sin
     out_a, out_b = cache.out[:, :, t:, 0::2], cache.out[:, :, t:, 1::2]
-    dangles = (db * out_a - da * out_b).sum(axis=0)  # (NH, Np, hs/2)
-    if cos.shape[0] == 1:
-        dangles = dangles.sum(axis=0, keepdims=True)  # one table shared by every head
+    dangles = db * out_a - da * out_b  # (B, NH, Np, hs/2)
+    if cos.ndim == 3:
+        dangles = dangles.sum(axis=0)  # one table for the batch: (NH, Np, hs/2)
+    if cos.shape[-3] == 1:
+        dangles = dangles.sum(axis=-3, keepdims=True)  # one table shared by every head
     return dx, dangles
