@@ -193,3 +193,14 @@ def test_the_readme_workflow_runs_as_written(tmp_path, monkeypatch, capsys):
         assert main(argv[1:]) == 0, command
     out = capsys.readouterr().out
     assert "accuracy:" in out and (tmp_path / "att.png").exists() and (tmp_path / "digits.safetensors").exists()
+
+
+def test_eval_matches_classes_through_a_labels_file(run, capsys, tmp_path):
+    _, _, ckpt = run
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "data" / "seven").mkdir(parents=True)
+    (tmp_path / "data" / "seven" / "a.png").write_bytes(SEVEN.read_bytes())
+    assert main(["eval", "--weights", str(ckpt), "--data", str(tmp_path / "data"), "--labels",
+                 str(tmp_path / "names.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1

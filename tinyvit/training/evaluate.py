@@ -15,7 +15,8 @@ config, class names and preprocessing. The data:
   reads it, normalised with the file's mean/std.
 
 Class names are matched by name to the model's labels (a folder ``7`` is the class the
-model calls ``"7"``, wherever it sits in its list); without labels in the weights file,
+model calls ``"7"``, wherever it sits in its list): the file's labels, a ``--labels`` file,
+or ImageNet-1k's names for a 1,000-class model, as ``predict`` names them; with none of these,
 class names must be the indices ``0 .. K-1``. A class the model does not know is an error.
 """
 from __future__ import annotations
@@ -65,10 +66,13 @@ def _training_split(loaded):
     return record.get("data"), float(record["test_fraction"]), int(record.get("split_seed", 0))
 
 
-def load_eval_data(loaded, data=None, recipe: str = "auto"):
-    """``(x (M, C, H, W) float32 normalised host images, y (M,) model indices, description)``."""
+def load_eval_data(loaded, data=None, recipe: str = "auto", labels=None):
+    """``(x (M, C, H, W) float32 normalised host images, y (M,) model indices, description)``.
+
+    ``labels``: the model's class names to match the data's classes against (default: the file's)."""
     from ..pretrained.predict import preprocessing_for
 
+    loaded = loaded._replace(labels=labels) if labels is not None else loaded
     model = loaded.model
     c = model.config
     pre = preprocessing_for(loaded, recipe)
@@ -139,8 +143,12 @@ def run_eval(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from ..pretrained.predict import class_names
+
     loaded = open_from_args(args)
-    x, y, what = load_eval_data(loaded, args.data, args.recipe)
+    names, source = class_names(loaded.model.config.num_classes, args.labels, loaded.labels, loaded.kind)
+    labels = names if not source.startswith("none") else None  # ImageNet's names for a 1,000-class file
+    x, y, what = load_eval_data(loaded, args.data, args.recipe, labels)
     correct, count = accuracy(loaded.model, x, y, args.batch_size)
     info = sys.stderr if args.json else sys.stdout
     for line in describe(loaded, args.recipe):
