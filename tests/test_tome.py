@@ -270,3 +270,20 @@ def test_tome_patch_dropout_and_gates_run_on_strict_arrays():
             assert isinstance(logits, StrictArray) and isinstance(dx, StrictArray)
             assert all(isinstance(g, StrictArray) for g in m.grads.values())
             assert isinstance(m.gate_grads[1], StrictArray) and m.gate_grads[1].shape == (4,)
+
+
+def test_training_with_tome_and_patch_dropout_saves_them(tmp_path):
+    """tinyvit train --tome-r / --patch-drop-rate: a short run trains (loss finite, weights move) and the
+    checkpoint's config carries both, so the loaded model merges the same way."""
+    from tinyvit.training.train import TrainConfig, load_model, train
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    np.savez(path, images=rng.integers(0, 255, (64, 8, 8), dtype=np.uint8), labels=np.arange(64) % 4)
+    cfg = TrainConfig(data=str(path), patch_size=2, dim=16, depth=2, heads=2, mlp_dim=16, epochs=2, batch_size=16,
+                      warmup_epochs=0.5, tome_r=4, patch_drop_rate=0.25, out=str(tmp_path / "run"), mixup=0.0)
+    s = train(cfg, progress=False)
+    assert s["finished"] and not s["skipped_steps"]
+    loaded = load_model(s["checkpoint"])
+    assert loaded.config.tome_r == 4 and loaded.config.patch_drop_rate == 0.25
+    assert loaded.config.token_counts() == [17, 13, 9]
