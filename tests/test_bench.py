@@ -100,7 +100,7 @@ def test_fewer_rows(tmp_path):
     rows = json.loads(path.read_text())["fewer"]
     seen = {(r["kind"], r["variant"]) for r in rows}
     assert {("inference", "plain"), ("inference", "ToMe r=2"), ("inference", "ToMe r=5"),
-            ("inference", "heads pruned 1/2 per block"), ("training step", "plain"),
+            ("inference", "heads pruned: 1 of 2 kept per block"), ("training step", "plain"),
             ("training step", "ToMe r=5"), ("training step", "PatchDropout 0.5")} <= seen
     for r in rows:
         assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["images_per_s"] > 0

@@ -287,3 +287,7 @@ def test_training_with_tome_and_patch_dropout_saves_them(tmp_path):
     loaded = load_model(s["checkpoint"])
     assert loaded.config.tome_r == 4 and loaded.config.patch_drop_rate == 0.25
     assert loaded.config.token_counts() == [17, 13, 9]
+    # tinyvit eval --tome-r: ToMe on a trained checkpoint from the command line; too large an r is named
+    from tinyvit.cli import main
+    assert main(["eval", "--weights", s["checkpoint"], "--tome-r", "2", "--data", str(path)]) == 0
+    assert main(["eval", "--weights", s["checkpoint"], "--tome-r", "9", "--data", str(path)]) == 1

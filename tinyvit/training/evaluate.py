@@ -146,6 +146,8 @@ def run_eval(args) -> int:
     from ..pretrained.predict import class_names
 
     loaded = open_from_args(args)
+    if args.tome_r is not None:  # ToMe off the shelf: the trained weights, r tokens merged per block
+        loaded.model.set_tome(args.tome_r)
     names, source = class_names(loaded.model.config.num_classes, args.labels, loaded.labels, loaded.kind)
     labels = names if not source.startswith("none") else None  # ImageNet's names for a 1,000-class file
     x, y, what = load_eval_data(loaded, args.data, args.recipe, labels)
@@ -172,4 +174,6 @@ def register(subparsers) -> None:
     add_weights_arguments(p)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     p.add_argument("--json", action="store_true", help="print {accuracy (a fraction), images, correct, ...} as JSON")
+    p.add_argument("--tome-r", type=int, default=None,
+                   help="token merging (ToMe) on the trained model: tokens merged per block (docs/tome.md)")
     p.set_defaults(func=run_eval)
