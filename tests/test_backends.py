@@ -20,10 +20,13 @@ CONFIGS = [
          norm_first=False, pool="mean", gelu="tanh", pos_embed="sincos2d"),
     dict(image_size=8, patch_size=2, num_classes=4, dim=12, depth=1, heads=3, mlp_dim=16, distilled=True,
          pos_embed="sincos1d", qkv_bias=False),
+    dict(image_size=(8, 12), patch_size=4, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=20, distilled=True,
+         pos_embed="rope_mixed"),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["prenorm-cls", "postnorm-mean-tanh-2d", "distilled-1d"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["prenorm-cls", "postnorm-mean-tanh-2d", "distilled-1d",
+                                                 "distilled-rope-mixed"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_every_backend_matches_numpy(any_backend, config, dtype):
     """Forward, loss and backward in training mode (dropout, attention dropout, drop path on)
