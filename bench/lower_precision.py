@@ -34,8 +34,11 @@ def machine() -> dict:
 def run_train(args) -> None:
     from tinyvit.training.train import TrainConfig, train
 
-    results = {"machine": machine(), "runs": []}
     path = os.path.join(HERE, "results_lowp_train.json")
+    results = {"machine": machine(), "runs": []}
+    if os.path.exists(path):  # add to the runs already measured (other seeds)
+        with open(path) as f:
+            results["runs"] = [r for r in json.load(f)["runs"] if r["seed"] not in args.seeds]
     for seed in args.seeds:
         for precision in ("fp32", "fp16", "bf16"):
             cfg = TrainConfig(precision=precision, seed=seed, epochs=args.epochs,

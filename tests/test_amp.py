@@ -226,6 +226,21 @@ def test_bad_precision_requests_get_clear_errors(monkeypatch):
         TrainConfig(precision="bf16", dtype="float64").check()
 
 
+def test_fp16_on_a_gpu_without_fp16_arithmetic_is_refused():
+    """No GPU here: a stand-in CuPy module whose device reports compute capability 5.2 (Maxwell,
+    no fp16 arithmetic); 5.3 and later pass."""
+    import types
+
+    def fake_cupy(cc):
+        device = types.SimpleNamespace(compute_capability=cc)
+        return types.SimpleNamespace(__name__="cupy", cuda=types.SimpleNamespace(Device=lambda: device))
+
+    with pytest.raises(RuntimeError, match=r"fp16 arithmetic \(compute capability >= 5.3\); this one is 5.2"):
+        check_precision_supported(fake_cupy("52"), "fp16")
+    check_precision_supported(fake_cupy("53"), "fp16")
+    check_precision_supported(fake_cupy("90"), "bf16")  # bf16 on CuPy: bit rounding, no dtype needed
+
+
 TINY = dict(patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32, batch_size=128, warmup_epochs=1, lr=1e-2, mixup=0.0,
             cutmix=0.0, pool="cls")
 

@@ -147,6 +147,17 @@ def test_quantize_command_file_and_the_commands_that_read_it(tmp_path, capsys):
     assert (tmp_path / "att.png").is_file()
 
 
+def test_quantize_command_without_calibration_data_says_what_to_pass(tmp_path, capsys):
+    from tinyvit import export_pretrained
+    path = tmp_path / "plain.safetensors"
+    export_pretrained(VisionTransformer(**KW), path)  # an export that does not say what it was trained on
+    assert main(["quantize", "--weights", str(path), "--out", str(tmp_path / "q.safetensors")]) == 1
+    assert "pass --calib-data" in capsys.readouterr().err
+    assert main(["quantize", "--weights", str(path), "--out", str(tmp_path / "q.bin")]) == 1
+    assert "--out must end in .safetensors or .npz" in capsys.readouterr().err
+    assert not (tmp_path / "q.safetensors").exists()
+
+
 def test_broken_int8_files_are_refused(tmp_path):
     m = VisionTransformer(**KW)
     q = quantize_model(m, images(8), "minmax")
@@ -200,7 +211,7 @@ def test_qat_forward_is_the_int8_model_and_finetuning_learns():
     fq = m.forward(x)
     assert_close("qat vs int8", fq, q.forward(x), rtol=1e-4, atol=1e-5)  # the same grid points, summed in float
     y = np.arange(32) % 10
-    losses = finetune(m, cal, y, steps=30, lr=3e-3, batch_size=16)
+    losses = finetune(m, cal, y, steps=20, lr=3e-3, batch_size=16)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert m.quant is not None and set(m.grads) == set(m.params)
 
