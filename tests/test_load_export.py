@@ -161,3 +161,45 @@ def test_hf_export_runs_in_transformers_from_its_folder(tmp_path, distilled):
     with torch.no_grad():
         ref = theirs(pixel_values=torch.tensor(x)).logits.numpy()
     assert rel(m.forward(x), ref) < 1e-10
+
+
+# ---------------------------------------------------------------- preprocessing a foreign model was trained with
+def test_timm_config_json_gives_the_preprocessing(tmp_path):
+    from PIL import Image
+
+    save_state_dict(tmp_path / "w.safetensors", model().state_dict())
+    cfg = {"architecture": "vit_x", "global_pool": "token",
+           "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9,
+                              "interpolation": "bicubic", "crop_mode": "center"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = open_model(tmp_path / "w.safetensors", heads=2)
+    pre = loaded.preprocessing
+    assert (pre.resize, pre.crop_pct, pre.interpolation, pre.mean) == ("shorter_crop", 0.9, "bicubic", (0.5,) * 3)
+    assert any("pretrained_cfg" in n for n in loaded.notes)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    resized = img.resize((int(35 * 70 / 50), 35), Image.BICUBIC)  # floor(32 / 0.9) = 35 on the shorter side
+    top, left = round((35 - 32) / 2), round((resized.size[0] - 32) / 2)  # torchvision's CenterCrop offsets
+    crop = np.asarray(resized)[top:top + 32, left:left + 32].transpose(2, 0, 1).astype(np.float32) / 255
+    np.testing.assert_array_equal(pre(img).pixels, (crop - np.float32(0.5)) / np.float32(0.5))
+
+
+def test_hf_preprocessor_config_gives_the_preprocessing(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    m = model()
+    from tinyvit.pretrained.convert import from_tinyvit
+
+    export_pretrained(m, tmp_path / "model.safetensors", "hf")  # writes config.json beside it ...
+    save_state_dict(tmp_path / "model.safetensors", from_tinyvit(m.state_dict(), "hf"))  # ... then a foreign file
+    cfg = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 3, "do_rescale": True,
+           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+           "image_std": [0.229, 0.224, 0.225], "image_processor_type": "ViTImageProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    loaded = open_model(tmp_path / "model.safetensors")
+    assert loaded.preprocessing.interpolation == "bicubic" and loaded.preprocessing.mean == (0.485, 0.456, 0.406)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    processor = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
+    ref = processor(**{k: v for k, v in cfg.items() if k != "image_processor_type"})(images=img, return_tensors="np")
+    np.testing.assert_allclose(loaded.preprocessing(img).pixels, ref["pixel_values"][0], rtol=0, atol=1e-6)

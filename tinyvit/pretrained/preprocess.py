@@ -53,7 +53,7 @@ def load_image(path, mode: str = "RGB"):
     return read(path, mode)
 
 
-def resize_shorter(img, size: int):
+def resize_shorter(img, size: int, interpolation: str = "bilinear"):
     """torchvision ``Resize(size)`` on a PIL image: the shorter side becomes ``size``.
 
     The longer side is ``int(size * long / short)`` (truncated, as torchvision does).
@@ -66,7 +66,7 @@ def resize_shorter(img, size: int):
         new_w, new_h = int(size * w / h), size
     if (new_w, new_h) == (w, h):
         return img
-    return img.resize((new_w, new_h), Image.BILINEAR)
+    return img.resize((new_w, new_h), _filter(interpolation))
 
 
 def center_crop(img, size: int):
@@ -122,6 +122,12 @@ def preprocess(img, recipe: str = "tutorial", image_size: int = 224, channels: i
 
 # ------------------------------------------------------------------ a model's own preprocessing
 RESIZES = ("shorter_crop", "stretch")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _filter(name: str):
+    Image = _pil()
+    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[name]
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ class Preprocessing:
     resize: str = "stretch"
     crop_pct: float = CROP_PCT
     name: str = "custom"
+    interpolation: str = "bilinear"  # Pillow's filter for the resize: bilinear, bicubic or nearest
 
     def __post_init__(self):
         size = self.image_size
@@ -163,6 +170,8 @@ class Preprocessing:
             raise ValueError(f"preprocessing std must be > 0, got {self.std}")
         if self.resize not in RESIZES:
             raise ValueError(f"preprocessing resize must be one of {RESIZES}, got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocessing interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if not 0 < float(self.crop_pct) <= 1:
             raise ValueError(f"preprocessing crop_pct must lie in (0, 1], got {self.crop_pct!r}")
 
@@ -191,7 +200,7 @@ class Preprocessing:
                 raise ValueError(f"{source}: not JSON ({exc})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        known = {"image_size", "channels", "mean", "std", "resize", "crop_pct", "name"}
+        known = {"image_size", "channels", "mean", "std", "resize", "crop_pct", "name", "interpolation"}
         unknown = sorted(set(d) - known)
         missing = sorted({"image_size", "channels", "mean", "std"} - set(d))
         if unknown or missing:
@@ -206,6 +215,7 @@ class Preprocessing:
         how = (f"shorter side {math.floor(self.image_size[0] / self.crop_pct)}, centre crop "
                if self.resize == "shorter_crop" else "resize to ")
         fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+        how += "" if self.interpolation == "bilinear" else f"({self.interpolation}) "
         return (f"{self.name}: {how}{self.image_size[0]}x{self.image_size[1]}, "
                 f"{'grey' if self.channels == 1 else 'RGB'}, [0, 1], mean {fmt(self.mean)}, std {fmt(self.std)}")
 
@@ -229,9 +239,9 @@ class Preprocessing:
             if height != width:
                 raise ValueError(f"the shorter-side-and-crop recipe makes square images; this model expects "
                                  f"{height}x{width}")
-            img = center_crop(resize_shorter(img, math.floor(height / self.crop_pct)), height)
+            img = center_crop(resize_shorter(img, math.floor(height / self.crop_pct), self.interpolation), height)
         elif img.size != (width, height):
-            img = img.resize((width, height), Image.BILINEAR)
+            img = img.resize((width, height), _filter(self.interpolation))
         if img.mode == "F":  # a 16-bit or float source, already in [0, 1]; grey (Pillow has no deeper colour)
             x = np.asarray(img, dtype=np.float32)[None]  # (1, H, W)
             x = np.repeat(x, self.channels, axis=0)  # (C, H, W)

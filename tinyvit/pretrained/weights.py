@@ -277,6 +277,7 @@ class Checkpoint(NamedTuple):
     config: dict  # VisionTransformer kwargs
     notes: list  # defaults taken, resampling done (human-readable)
     labels: list | None  # class names from a Hugging Face config.json's id2label, if it has real ones
+    preprocessing: object = None  # from timm's config.json or Hugging Face's preprocessor_config.json
 
 
 def read_checkpoint(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
@@ -310,7 +311,41 @@ def read_checkpoint(path, *, layout: str | None = None, heads: int | None = None
         names = hf_config["id2label"]
         if len(names) == config["num_classes"] and not all(str(v).startswith("LABEL_") for v in names.values()):
             labels = [str(names.get(str(i), names.get(i, f"class {i}"))) for i in range(config["num_classes"])]
-    return Checkpoint(sd, layout, config, notes, labels)
+    preprocessing = _side_preprocessing(file, layout, config, timm_config, notes)
+    return Checkpoint(sd, layout, config, notes, labels, preprocessing)
+
+
+def _side_preprocessing(weights_file: str, layout: str, config: dict, timm_config, notes: list):
+    """The preprocessing a foreign model was trained with, when a file beside it says: timm's
+    ``config.json`` (``pretrained_cfg``: mean, std, crop_pct, interpolation) or Hugging Face's
+    ``preprocessor_config.json`` (size, image_mean, image_std, resample). ``None`` otherwise."""
+    from .preprocess import Preprocessing
+
+    size, channels = tuple(config["image_size"]), config["channels"]
+    try:
+        if timm_config and isinstance(timm_config.get("pretrained_cfg"), dict):
+            cfg = timm_config["pretrained_cfg"]
+            if "mean" in cfg and "std" in cfg and size[0] == size[1] and cfg.get("crop_mode", "center") == "center":
+                pre = Preprocessing(size, channels, cfg["mean"], cfg["std"], "shorter_crop",
+                                    float(cfg.get("crop_pct", 0.875)), "timm",
+                                    cfg.get("interpolation", "bicubic") if cfg.get("interpolation", "bicubic")
+                                    in ("bilinear", "bicubic", "nearest") else "bicubic")
+                notes.append(f"preprocessing from config.json's pretrained_cfg ({pre.describe()})")
+                return pre
+        path = os.path.join(os.path.dirname(weights_file), "preprocessor_config.json")
+        if layout == "hf" and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(cfg.get("resample", 2))
+            if (isinstance(cfg, dict) and cfg.get("do_normalize", True) and cfg.get("do_resize", True) and resample
+                    and abs(float(cfg.get("rescale_factor", 1 / 255)) - 1 / 255) < 1e-12 and "image_mean" in cfg):
+                pre = Preprocessing(size, channels, cfg["image_mean"], cfg["image_std"], "stretch", name="hf",
+                                    interpolation=resample)
+                notes.append(f"preprocessing from preprocessor_config.json ({pre.describe()})")
+                return pre
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        notes.append(f"preprocessing: the side config could not be used ({exc}); the layout's recipe applies")
+    return None
 
 
 def _read_hf_config(weights_file: str) -> dict | None:
@@ -514,8 +549,8 @@ def open_model(path, *, layout: str | None = None, heads: int | None = None, lay
                            gelu=gelu, antialias=antialias, state_dict=arrays or None, pool=pool)
     model = VisionTransformer(**ckpt.config, backend=backend, dtype=dtype or "float32")
     model.load_state_dict(ckpt.state_dict)
-    model.labels, model.preprocessing = ckpt.labels, None
-    return Loaded(model, ckpt.labels, None, ckpt.layout, "foreign", ckpt.notes, {}, file)
+    model.labels, model.preprocessing = ckpt.labels, ckpt.preprocessing
+    return Loaded(model, ckpt.labels, ckpt.preprocessing, ckpt.layout, "foreign", ckpt.notes, {}, file)
 
 
 def load_pretrained(path, *, layout: str | None = None, heads: int | None = None, layer_norm_eps: float | None = None,
