@@ -254,16 +254,23 @@ def test_stack_matmul_equals_matmul_and_restores_blas_threads(lead, monkeypatch)
     """The attention's stacks of products, shared over the pool with one BLAS thread each."""
     monkeypatch.setenv("TINYVIT_THREADS", "2")
     rng = np.random.default_rng(3)
-    qkv = rng.standard_normal((*lead[:1], 21, 3, *lead[1:], 16)).astype(np.float32)  # strided views, as attention's
-    q, k = np.moveaxis(qkv[:, :, 0], 1, -2), np.moveaxis(qkv[:, :, 1], 1, -2)  # (*lead, 21, 16)
+    qkv = rng.standard_normal((*lead[:1], 197, 3, *lead[1:], 64)).astype(np.float32)  # strided views, as attention's
+    q, k = np.moveaxis(qkv[:, :, 0], 1, -2), np.moveaxis(qkv[:, :, 1], 1, -2)  # (*lead, 197, 64)
     before = [lib.num_threads for lib in kernels._blas_libraries()]
     scores = kernels.stack_matmul(q, k.swapaxes(-1, -2))
-    assert scores is not None and scores.shape == (*lead, 21, 21)
+    assert scores is not None and scores.shape == (*lead, 197, 197)
     assert_close("q k^T", scores, q.astype(np.float64) @ k.swapaxes(-1, -2).astype(np.float64), **F32)
-    out = np.zeros((*lead[:1], 21, 2, *lead[1:], 16), np.float32)
+    out = np.zeros((*lead[:1], 197, 2, *lead[1:], 64), np.float32)
     view = np.moveaxis(out[:, :, 1], 1, -2)  # written in place through a strided view
     assert kernels.matmul(scores, k, out=view) is view
     assert_close("scores k", view, scores.astype(np.float64) @ k.astype(np.float64), **F32)
     assert not out[:, :, 0].any()
     assert [lib.num_threads for lib in kernels._blas_libraries()] == before
     assert kernels.stack_matmul(q[0, 0] if q.ndim > 3 else q[0], k[0, 0].T if k.ndim > 3 else k[0].T) is None  # 2-D
+
+
+def test_stack_matmul_leaves_small_stacks_to_numpy(monkeypatch):
+    monkeypatch.setenv("TINYVIT_THREADS", "2")
+    a = np.ones((64, 4, 5, 24), np.float32)  # the digits model's attention: 154k multiply-adds in all
+    assert kernels.stack_matmul(a, a.swapaxes(-1, -2)) is None
+    np.testing.assert_array_equal(kernels.matmul(a, a.swapaxes(-1, -2)), a @ a.swapaxes(-1, -2))

@@ -189,6 +189,7 @@ def _for_blocks(blocks, work) -> None:
 
 MIN_ELEMENTS = 1 << 15  # elements per chunk of work: ~10 us of GELU, against ~2 us to hand a chunk out
 MAX_CHUNKS = 64  # larger arrays get larger chunks
+MIN_MACS = 1 << 21  # multiply-adds per chunk of a stack of products: ~50 us on one core
 
 
 class _Chunks:
@@ -453,6 +454,11 @@ def stack_matmul(a, b, out=None):
     blas = _blas_libraries()
     if axis is None or not blas:
         return None
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    macs_per_index = math.prod(a.shape[axis + 1:-2]) * n * k * m  # one index of the split axis
+    chunk = -(-MIN_MACS // max(macs_per_index, 1))
+    if a.shape[axis] < 2 * chunk:  # too little work to share: NumPy's own loop is cheaper
+        return None
     if out is None:
         out = np.empty((*a.shape[:-1], b.shape[-1]), np.result_type(a, b))
 
@@ -464,7 +470,7 @@ def stack_matmul(a, b, out=None):
     for lib in blas:
         lib.set_num_threads(1)
     try:
-        _share(products, (), a.shape[axis], 1)
+        _share(products, (), a.shape[axis], chunk)
     finally:
         for lib, n in zip(blas, before):
             lib.set_num_threads(n)
