@@ -126,7 +126,8 @@ def main() -> None:
         from tinyvit.training.train import load_model
         model = load_model(args.checkpoint)
     else:
-        model = train(TrainConfig(data="mnist5k", out=f"{args.out}/_13_train", **recipe), progress=False)["model"]
+        model = train(TrainConfig(data="mnist5k", out=f"{args.out}/_13_train", **recipe), progress=False,
+                      overwrite=True)["model"]
     seconds = time.perf_counter() - t0
     c = model.config
     print(f"mnist5k: train {train_x.shape}, test {test_x.shape}; patch {c.patch_size} -> tokens (B, {c.num_tokens}, "
@@ -221,9 +222,10 @@ def main() -> None:
             rate_s = fit(m, train_x, train_y, steps=20, lr=2e-3)
             acc = evaluate(m, test_x, test_y)
         else:
-            s = train(TrainConfig(data="mnist5k", out=f"{args.out}/_13_drop", patch_drop_rate=rate,
+            s = train(TrainConfig(data="mnist5k", out=f"{args.out}/_13_drop_{rate}", patch_drop_rate=rate,
                                   **{**recipe, "epochs": args.drop_epochs,
-                                     "warmup_epochs": min(3.0, args.drop_epochs / 2)}), progress=False)
+                                     "warmup_epochs": min(3.0, args.drop_epochs / 2)}), progress=False,
+                      overwrite=True)
             rate_s, acc, m = s["images_per_s"], s["test_acc"], s["model"]
         drop_rows.append({"patch_drop_rate": rate, "test_acc": acc, "train_images_per_s": rate_s,
                           "seconds": time.perf_counter() - t0, "epochs": None if quick else args.drop_epochs})
