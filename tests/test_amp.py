@@ -259,3 +259,21 @@ def test_fp16_training_skips_overflowing_steps_and_reports_them(tmp_path, monkey
     meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").meta
     assert meta["extra"]["loss_scaler"]["skipped"] == s["loss_scale_skipped"]
     assert meta["train_config"]["precision"] == "fp16"
+
+
+def test_fp16_resume_continues_the_loss_scale(tmp_path, monkeypatch):
+    """The scaler's state (scale, clean-step count, skips) is in the checkpoint: a run stopped and
+    resumed ends with the same scale and skip count as one that ran through, and the same weights."""
+    monkeypatch.setattr(train_mod, "DynamicLossScaler",
+                        lambda enabled: DynamicLossScaler(init_scale=2.0 ** 30, growth_interval=3, enabled=enabled))
+    kw = dict(**TINY, epochs=2, precision="fp16", dropout=0.0, drop_path=0.0)
+    full = train(TrainConfig(**kw, out=str(tmp_path / "full")), progress=False)
+    train(TrainConfig(**kw, out=str(tmp_path / "part")), progress=False, stop_after=7)
+    done = train(TrainConfig(**kw, out=str(tmp_path / "part")), progress=False,
+                 resume=tmp_path / "part" / "checkpoint.safetensors")
+    assert full["loss_scale_skipped"] > 0
+    assert (done["loss_scale"], done["loss_scale_skipped"]) == (full["loss_scale"], full["loss_scale_skipped"])
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.safetensors").params
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.safetensors").params
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
