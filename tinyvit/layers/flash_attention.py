@@ -163,17 +163,21 @@ def flash_core_forward(q, k, v, scale: float, block: int = DEFAULT_BLOCK, p: flo
     return out, FlashCoreCache(q, k, v, out, lse, scale, block, p, seed, mask)
 
 
-def flash_core_backward(dout, cache: FlashCoreCache):
-    """``dout: (B, NH, N, hs) -> dq, dk, dv: (B, NH, N, hs)``, recomputing each tile's P from L."""
+def flash_core_backward(dout, cache: FlashCoreCache, out=None):
+    """``dout: (B, NH, N, hs) -> dq, dk, dv: (B, NH, N, hs)``, recomputing each tile's P from L.
+
+    ``out``: three ``(B, NH, N, hs)`` arrays (views into the caller's ``dqkv``) to write into.
+    """
     xp = array_module(dout)
     q, k, v, lse, scale, block = cache.q, cache.k, cache.v, cache.lse, cache.scale, cache.block
     tokens = q.shape[2]
     drop = (cache.seed, cache.mask, cache.p, q.shape[:2] + (tokens, tokens))
     inv_keep = 1.0 / (1.0 - cache.p)
     big_d = xp.einsum("...d,...d->...", dout, cache.out)[..., None]  # D = rowsum(dO * O): (B, NH, N, 1)
-    dq = xp.zeros_like(q)
-    dk = xp.empty_like(k)
-    dv = xp.empty_like(v)
+    if out is None:
+        out = (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
+    dq, dk, dv = out
+    dq[...] = 0.0
     for j in range(0, tokens, block):
         cols = slice(j, min(j + block, tokens))
         k_j, v_j = k[:, :, cols], v[:, :, cols]  # (B, NH, Bc, hs)
@@ -262,14 +266,15 @@ def flash_attention_backward(dout, cache: FlashAttentionCache):
     dy, dproj_w, dproj_b = linear_backward(dout, cache.proj)  # (B, N, D)
     head_size = dy.shape[-1] // heads  # E / NH (E = D unless heads were pruned)
     dy = dy.reshape(batch, tokens, heads, head_size).transpose(0, 2, 1, 3)  # (B, NH, N, hs)
-    dq, dk, dv = flash_core_backward(dy, cache.core)
+    # dq, dk, dv are written straight into their slots of dqkv (B, N, 3, NH, hs), the qkv output's layout
+    dqkv = xp.empty((batch, tokens, 3, heads, head_size), dtype=dout.dtype)
+    dq, dk, dv = flash_core_backward(dy, cache.core, tuple(dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)))
     drope = None
     if cache.rope_q is not None:  # turn the gradients of the turned q and k back; collect the angles'
-        dq, drope_q = rope_backward(dq, cache.rope_q)
-        dk, drope_k = rope_backward(dk, cache.rope_k)
+        dq[...], drope_q = rope_backward(dq, cache.rope_q)
+        dk[...], drope_k = rope_backward(dk, cache.rope_k)
         drope = drope_q + drope_k
-    dqkv = xp.stack([dq, dk, dv])  # (3, B, NH, N, hs): undo the split
-    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(batch, tokens, 3 * heads * head_size)  # (B, N, 3D)
+    dqkv = dqkv.reshape(batch, tokens, 3 * heads * head_size)  # (B, N, 3D)
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, cache.qkv)
     if drope is not None:
         return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, drope
