@@ -95,6 +95,11 @@ def round_to(x, precision: str):
         return x
     xp = array_module(x)
     if precision == "fp16":
+        if xp.__name__ == "numpy":
+            import numpy
+
+            with numpy.errstate(over="ignore"):  # above 65504 -> inf is fp16's answer (the loss scale watches for it)
+                return x.astype(xp.float16).astype(xp.float32)
         return x.astype(xp.float16).astype(xp.float32)
     if xp.__name__ == "numpy":
         return x.astype(_ml_dtypes().bfloat16).astype(xp.float32)
