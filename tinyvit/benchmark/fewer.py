@@ -112,6 +112,8 @@ def fewer_sweep(model, batch: int, dtype: str, repeats: int, rs=None, drop: floa
         ref = times[(kind, "plain")].median
         r = int(label.split("=")[1]) if label.startswith("ToMe") else 0
         tokens = base.num_tokens if not label.startswith("ToMe") else base.num_tokens - base.depth * r
+        if label.startswith("PatchDropout"):  # every block sees the prefix and the kept patches
+            tokens = base.num_prefix_tokens + max(1, int(base.num_patches * (1.0 - drop)))
         rows.append({"model": name, "batch": batch, "kind": kind, "variant": label, **t.to_dict(),
                      "images_per_s": batch / t.median, "vs_plain": ref / t.median,
                      "tokens_after_last_block": tokens, "published": PUBLISHED.get((name, r), "")})
