@@ -237,3 +237,30 @@ def test_layer_refuses_a_wrong_table_or_token_count():
         window_attention_forward(x, qw, qb, pw, pb, table[:4], 2, spec)
     with pytest.raises(ValueError, match="needs 17 tokens, got 16"):
         window_attention_forward(x[:, 1:], qw, qb, pw, pb, table, 2, spec)
+
+
+@pytest.mark.parametrize("shift", [0, 1], ids=["W-MSA", "SW-MSA"])
+def test_window_core_matches_timm_window_attention(shift):
+    """Where timm imports beside PyTorch (not with the pinned torch 2.13; see the README's side
+    environment): timm's own ``WindowAttention`` (qkv, relative position bias, the mask, proj) on
+    the windows of a 4 x 4 grid without prefix tokens equals tinyvit's window attention."""
+    swin = pytest.importorskip("timm.models.swin_transformer")
+    rng = np.random.default_rng(7)
+    spec = WindowSpec((4, 4), 0, 2, shift)
+    NH, hs, B = 2, 3, 2
+    x, qw, qb, pw, pb, table = _layer_inputs(rng, spec, B=B, NH=NH, hs=hs)
+    out, _ = window_attention_forward(x, qw, qb, pw, pb, table, NH, spec)
+    layer = swin.WindowAttention(NH * hs, NH, window_size=2).double()
+    with torch.no_grad():
+        for name, value in (("qkv.weight", qw), ("qkv.bias", qb), ("proj.weight", pw), ("proj.bias", pb),
+                            ("relative_position_bias_table", table)):
+            dict(layer.named_parameters())[name].copy_(torch.tensor(value))
+        xt = torch.tensor(x).reshape(B, 4, 4, NH * hs)
+        if shift:
+            xt = torch.roll(xt, shifts=(-shift, -shift), dims=(1, 2))
+        windows = swin.window_partition(xt, (2, 2)).reshape(-1, 4, NH * hs)
+        mask = torch.tensor(shift_mask((4, 4), 2, shift)) if shift else None
+        y = swin.window_reverse(layer(windows, mask=mask).reshape(-1, 2, 2, NH * hs), (2, 2), 4, 4)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+    assert_close("timm WindowAttention", out, y.reshape(B, 16, NH * hs).numpy(), **TOLERANCES["float64"])
