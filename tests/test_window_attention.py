@@ -264,3 +264,14 @@ def test_window_core_matches_timm_window_attention(shift):
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
     assert_close("timm WindowAttention", out, y.reshape(B, 16, NH * hs).numpy(), **TOLERANCES["float64"])
+
+
+@pytest.mark.parametrize("pos_embed", ["rope_axial", "rope_mixed"])
+def test_windowed_model_with_2d_rope_matches_pytorch(pos_embed):
+    """2D RoPE turns q and k before the windows are cut (the class token unturned): the whole
+    model, shifted windows, against the twin (which turns them the RoPE-ViT paper's complex way)."""
+    m = perturbed_model(image_size=8, patch_size=2, num_classes=3, dim=16, depth=2, heads=2, mlp_dim=12,
+                        attn_window=2, attn_shift=True, pos_embed=pos_embed)
+    compare_with_twin(m, np.random.default_rng(2).standard_normal((2, 3, 8, 8)))
+    if pos_embed == "rope_mixed":
+        assert "rope.freqs" in m.grads

@@ -28,6 +28,7 @@ dscores`` goes back into the table with a scatter-add: ``dtable[index[i, j], h] 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -73,6 +74,18 @@ def check_window(grid, size, shift: bool = False) -> int:
     return int(size)
 
 
+def _frozen(fn):
+    """Cache a host-constant builder (pure in its int arguments); the arrays come back read-only."""
+    @functools.lru_cache(maxsize=64)
+    def cached(*args):
+        out = fn(*args)
+        out.setflags(write=False)
+        return out
+    cached.__doc__ = fn.__doc__
+    return cached
+
+
+@_frozen
 def relative_position_index(size: int) -> np.ndarray:
     """Swin's ``(S, S)`` index into the ``(2M-1)^2`` table: ``(dy + M-1)(2M-1) + (dx + M-1)``."""
     coords = np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="ij")).reshape(2, -1)  # (2, S)
@@ -80,6 +93,7 @@ def relative_position_index(size: int) -> np.ndarray:
     return rel[0] * (2 * size - 1) + rel[1]
 
 
+@_frozen
 def shift_mask(grid, size: int, shift: int) -> np.ndarray:
     """Swin's ``(nW, S, S)`` additive mask: 0 where two tokens of a shifted window were in the same
     region of the rolled grid, ``-100`` where the roll brought them together from opposite borders."""
