@@ -274,3 +274,15 @@ def test_stack_matmul_leaves_small_stacks_to_numpy(monkeypatch):
     a = np.ones((64, 4, 5, 24), np.float32)  # the digits model's attention: 154k multiply-adds in all
     assert kernels.stack_matmul(a, a.swapaxes(-1, -2)) is None
     np.testing.assert_array_equal(kernels.matmul(a, a.swapaxes(-1, -2)), a @ a.swapaxes(-1, -2))
+
+
+def test_stack_matmul_from_two_threads_gives_blas_its_threads_back(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("TINYVIT_THREADS", "2")
+    before = [lib.num_threads for lib in kernels._blas_libraries()]
+    a = np.random.default_rng(0).standard_normal((6, 2, 120, 64)).astype(np.float32)
+    with ThreadPoolExecutor(2) as ex:
+        outs = list(ex.map(lambda _: kernels.stack_matmul(a, a.swapaxes(-1, -2)), range(6)))
+    assert all(o is not None for o in outs)
+    assert [lib.num_threads for lib in kernels._blas_libraries()] == before

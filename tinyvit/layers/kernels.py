@@ -39,6 +39,7 @@ the reference.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -466,15 +467,34 @@ def stack_matmul(a, b, out=None):
         part = (slice(lo, hi),) if axis == 0 else (slice(None), slice(lo, hi))
         np.matmul(a[part], b[part], out=out[part])
 
-    before = [lib.num_threads for lib in blas]
-    for lib in blas:
-        lib.set_num_threads(1)
-    try:
+    with _one_blas_thread(blas):
         _share(products, (), a.shape[axis], chunk)
-    finally:
-        for lib, n in zip(blas, before):
-            lib.set_num_threads(n)
     return out
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"depth": 0, "saved": None}  # callers inside stack_matmul now; the thread counts to give back
+
+
+@contextlib.contextmanager
+def _one_blas_thread(blas):
+    """BLAS on one thread while any thread is inside; the first in saves the counts, the last out restores
+    them (so two Python threads in attention at once cannot leave BLAS on one thread). The setting is
+    process-wide: BLAS called from another thread meanwhile runs on one thread too."""
+    with _BLAS_LOCK:
+        if _BLAS_STATE["depth"] == 0:
+            _BLAS_STATE["saved"] = [lib.num_threads for lib in blas]
+            for lib in blas:
+                lib.set_num_threads(1)
+        _BLAS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["depth"] -= 1
+            if _BLAS_STATE["depth"] == 0:
+                for lib, n in zip(blas, _BLAS_STATE["saved"]):
+                    lib.set_num_threads(n)
 
 
 def matmul(a, b, out=None):
