@@ -101,8 +101,8 @@ def main(argv=None) -> int:
             for kind in args.kinds:
                 t0 = time.perf_counter()
                 cfg = TrainConfig(data=data_path, epochs=epochs, dim=args.dim, depth=args.depth, heads=args.heads,
-                                  mlp_dim=2 * args.dim, pos_embed=kind, seed=seed, out=os.path.join(tmp, kind),
-                                  warmup_epochs=min(3.0, epochs / 2), eval_every=epochs)
+                                  mlp_dim=2 * args.dim, pos_embed=kind, seed=seed, warmup_epochs=min(3.0, epochs / 2),
+                                  eval_every=epochs, out=os.path.join(tmp, f"{kind}-seed{seed}"))  # a fresh folder
                 summary = train(cfg, progress=False)
                 ckpt = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"))
                 mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1)
