@@ -291,3 +291,25 @@ def test_training_with_tome_and_patch_dropout_saves_them(tmp_path):
     from tinyvit.cli import main
     assert main(["eval", "--weights", s["checkpoint"], "--tome-r", "2", "--data", str(path)]) == 0
     assert main(["eval", "--weights", s["checkpoint"], "--tome-r", "9", "--data", str(path)]) == 1
+
+
+def test_flop_counter_reproduces_tomes_published_gflops():
+    """tinyvit.flops counts ToMe's shrinking blocks (and pruned heads, and patch dropout in training); it
+    reproduces the GFLOPs of ToMe's DeiT table: DeiT-S 4.6 / 3.4 / 2.7 at r = 0 / 8 / 13, DeiT-Ti
+    1.3 / 0.9 / 0.8 at r = 0 / 8 / 12 (the paper rounds to 0.1)."""
+    from tinyvit.benchmark import flops
+    from tinyvit.model import ViTConfig
+
+    for name, published in (("vit_s16", {0: 4.6, 8: 3.4, 13: 2.7}), ("vit_ti16", {0: 1.3, 8: 0.9, 12: 0.8})):
+        for r, gmacs in published.items():
+            got = flops.forward_macs(ViTConfig(**flops.PRESETS[name], tome_r=r)) / 1e9
+            assert abs(got - gmacs) <= 0.05 + 1e-9, (name, r, got, gmacs)
+    base = ViTConfig(**flops.PRESETS["vit_s16"])
+    pruned = ViTConfig(**flops.PRESETS["vit_s16"], block_heads=(3,) * 12)
+    full, half = flops.macs_by_layer(base), flops.macs_by_layer(pruned)
+    assert half["qkv"] * 2 == full["qkv"] and half["attn_scores"] * 2 == full["attn_scores"]
+    assert half["fc1"] == full["fc1"]
+    assert flops.count_params(pruned) < flops.count_params(base)
+    dropped = ViTConfig(**flops.PRESETS["vit_s16"], patch_drop_rate=0.5)
+    assert flops.forward_macs(dropped) == flops.forward_macs(base)  # evaluation: every patch
+    assert flops.train_step_flops(dropped) < 0.55 * flops.train_step_flops(base)  # training: 99 of 197 tokens

@@ -80,27 +80,45 @@ def count_params(config) -> int:
     return total
 
 
-def macs_by_layer(config, batch: int = 1) -> dict:
+def macs_by_layer(config, batch: int = 1, train: bool = False) -> dict:
     """Forward MACs of every matrix product, summed over the blocks, for ``batch`` images.
 
     Keys: ``patch_embed``, ``qkv``, ``attn_scores`` (q @ k^T), ``attn_values`` (att @ v),
-    ``proj``, ``fc1``, ``fc2``, ``head``.
+    ``proj``, ``fc1``, ``fc2``, ``head``, and ``tome_match`` when ``tome_r > 0``.
+
+    Fewer tokens, fewer heads (docs/tome.md, docs/head_pruning.md): with ``tome_r = r`` block ``i``
+    runs its attention on ``N - i r`` tokens and its MLP on ``N - (i + 1) r`` (the merge sits
+    between them), and its matching scores ``ceil(n/2) floor(n/2)`` pairs of ``hs``-wide keys
+    (``tome_match``); a pruned block's ``qkv``, scores, values and ``proj`` use its own
+    ``NH_i hs`` instead of ``D``; ``train=True`` with ``patch_drop_rate`` counts the
+    ``T + max(1, int(Np (1 - p)))`` tokens the blocks see in training.
     """
     c = as_config(config)
-    n, d, f, depth = c.num_tokens, c.dim, c.mlp_dim, c.depth
-    pairs = attention_pairs(c)
+    n0, d, f, depth = c.num_tokens, c.dim, c.mlp_dim, c.depth
+    r = getattr(c, "tome_r", 0)
+    drop = getattr(c, "patch_drop_rate", 0.0)
+    if train and drop:
+        n0 = c.num_prefix_tokens + max(1, int(c.num_patches * (1.0 - drop)))
     patch_values = c.channels * c.patch_size * c.patch_size
     heads_out = 2 if c.distilled else 1
-    per_image = {
-        "patch_embed": c.num_patches * patch_values * d,
-        "qkv": depth * n * d * 3 * d,
-        "attn_scores": depth * pairs * d,
-        "attn_values": depth * pairs * d,
-        "proj": depth * n * d * d,
-        "fc1": depth * n * d * f,
-        "fc2": depth * n * f * d,
-        "head": heads_out * d * c.num_classes,
-    }
+    per_image = dict.fromkeys(("qkv", "attn_scores", "attn_values", "proj", "fc1", "fc2"), 0)
+    match = 0
+    hs = c.dim // c.heads
+    for i in range(depth):
+        n = n0 - i * r  # tokens the attention of block i sees
+        e = (c.heads_of(i) if hasattr(c, "heads_of") else c.heads) * hs  # NH_i hs (= D unless pruned)
+        pairs = attention_pairs(c) if n == c.num_tokens else n * n
+        per_image["qkv"] += n * d * 3 * e
+        per_image["attn_scores"] += pairs * e
+        per_image["attn_values"] += pairs * e
+        per_image["proj"] += n * e * d
+        per_image["fc1"] += (n - r) * d * f
+        per_image["fc2"] += (n - r) * f * d
+        if r:
+            match += ((n + 1) // 2) * (n // 2) * hs
+    per_image = {"patch_embed": c.num_patches * patch_values * d, **per_image, "head": heads_out * d * c.num_classes}
+    if r:
+        per_image["tome_match"] = match
     return {k: v * batch for k, v in per_image.items()}
 
 
@@ -128,9 +146,11 @@ def forward_flops(config, batch: int = 1) -> int:
 
 def train_step_flops(config, batch: int = 1) -> int:
     """Matrix FLOPs of a training step: forward, plus a backward that costs two forwards; with
-    ``attn_impl="flash"`` the backward also recomputes ``q k^T`` (one more score product)."""
+    ``attn_impl="flash"`` the backward also recomputes ``q k^T`` (one more score product).
+    PatchDropout's shorter training sequence is counted; ToMe's matching has no backward."""
     c = as_config(config)
-    total = 3 * forward_flops(c, batch)
+    macs = macs_by_layer(c, batch, train=True)
+    total = 2 * (3 * sum(macs.values()) - 2 * macs.get("tome_match", 0))
     if getattr(c, "attn_impl", "plain") == "flash":
         total += 2 * macs_by_layer(c, batch)["attn_scores"]
     return total
