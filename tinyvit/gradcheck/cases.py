@@ -611,6 +611,35 @@ def _model(variant):
     return build
 
 
+def _model_fewer(backend, dtype):
+    """The whole ViT with fewer tokens and heads: ToMe (r = 3: 17 -> 14 -> 11 tokens, proportional
+    attention, the size-weighted mean pool), patch dropout in training with fixed noise (4 of 16
+    patches dropped) and a gate on block 1's heads; every parameter an argument, directional."""
+    from ..model import VisionTransformer
+
+    config = dict(image_size=8, patch_size=2, num_classes=5, dim=D, depth=2, heads=NH, mlp_dim=F, channels=3,
+                  pool="mean", tome_r=3, patch_drop_rate=0.25, backend=backend, seed=0)
+    models = {d: VisionTransformer(**config, dtype=d) for d in {dtype, "float64"}}
+    for m in models.values():
+        m.set_head_gates({1: [1.0, 0.5]})
+    keys = list(models[dtype].params)
+    r = _rand(backend, dtype, 26)
+    params = [r(*models[dtype].params[k].shape, scale=0.5, shift=1.0 if "norm" in k and k.endswith("weight") else 0.0)
+              for k in keys]
+    noise = backend.asarray(r.host.random((B, 16)), dtype=dtype)
+
+    def forward(x, *values):
+        m = models[np.dtype(x.dtype).name]
+        m.params = dict(zip(keys, values))
+        return m.forward(x, train=True, masks={"patch_drop": noise}), m
+
+    def backward(dlogits, m):
+        dx = m.backward(dlogits)
+        return (dx, *(m.grads[k] for k in keys))
+
+    return dict(forward=forward, backward=backward, args=[r(B, 3, 8, 8)] + params, names=["images"] + keys)
+
+
 CASES = [
     Case("patchify", _patchify, ("patch_embed.patchify_backward",), about="(B, C, H, W) -> (B, Np, C*P*P)"),
     Case("patch_embed", _patch_embed, ("patch_embed.patch_embed_backward",), about="patching + linear = conv"),
@@ -660,6 +689,8 @@ CASES = [
     Case("cross_entropy", _cross_entropy(False), ("loss.cross_entropy_backward",), about="class indices, smoothing 0.1"),
     Case("cross_entropy_soft", _cross_entropy(True), ("loss.cross_entropy_backward",),
          about="soft targets, smoothing 0.1"),
+    Case("model_fewer", _model_fewer, (), mode="directional",
+         about="ToMe r=3 + patch dropout + a head gate, the whole ViT"),
     Case("model", _model("prenorm"), (), mode="directional", about="the whole ViT (timm's layout), every parameter"),
     Case("model_variants", _model("variants"), (), mode="directional",
          about="post-norm, mean pool, flash, RoPE, dropout masks"),
