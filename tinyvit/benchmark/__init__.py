@@ -15,7 +15,9 @@ Variants tried on NumPy (median, ViT-Ti/16 shapes, batch 8, float32; bench/READM
 - GELU exact: ``scipy.special.erf`` (the reference) 15-27 ms forward; A&S 7.1.26 from
   NumPy SIMD ufuncs over the whole array 13 ms (memory bound, 22 passes); the same in
   L2-sized blocks 2.9 ms (kept, :mod:`tinyvit.layers.kernels`); numexpr 30 ms (scalar ``expf``,
-  no SIMD); numba without SVML 11 ms (scalar ``expf``): both lost, and were not added.
+  no SIMD); numba without SVML 11 ms (scalar ``expf``): both lost. Since then (issue 16) numba with
+  ``exp``/``erf`` written as polynomials vectorises (0.4-0.7 ms): the default path, :mod:`tinyvit.layers.kernels_numba`;
+  the NumPy blocks and the references stay as variants (``NumPy blocks (no numba)``, ``reference (no numba)``).
 - linear: ``x @ w.T`` on a 3-D ``x`` (a stack of B products) 4.2 ms vs one flattened
   ``(M, in) @ (in, out)`` 2.7 ms (kept).
 - softmax: three temporaries vs exp/normalise in place (kept, ~15% faster, 2 fewer
