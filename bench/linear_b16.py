@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -39,6 +38,7 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
+    from tinyvit.benchmark.timing import time_calls
     from tinyvit.layers import kernels
     from tinyvit.layers.gelu import gelu_forward
     from tinyvit.layers.linear import linear_backward, linear_forward
@@ -92,14 +92,7 @@ def main():
             prange_gelu(hf, hout)
             fns[f"{name} gemm after GELU (prange)"] = lambda x2=x2, w=w, buf=buf, hf=hf, hout=hout: (
                 prange_gelu(hf, hout), np.matmul(x2, w.T, out=buf))
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(args.repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = {k: t.times for k, t in time_calls(fns, args.repeats, warmup=1).items()}  # interleaved, one warm-up
     blas = [f"{d['internal_api']} {d.get('version')} {d.get('architecture')} x{d['num_threads']}"
             for d in threadpool_info() if d["user_api"] == "blas"]
     print(f"threads {args.threads}, batch {args.batch}, BLAS {blas}, torch {torch.__version__} x{torch.get_num_threads()}, "

@@ -25,6 +25,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from tinyvit.benchmark.timing import time_calls  # noqa: E402  (the interleaved timer tinyvit bench uses)
+
 
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -73,12 +75,7 @@ def run_matmul(args) -> None:
                  "ml_dtypes bfloat16 @": lambda: abf @ bbf,
                  "tinyvit fp16 (rounded, fp32 BLAS)": lambda: lowp_matmul(a, b, "fp16"),
                  "tinyvit bf16 (rounded, fp32 BLAS)": lambda: lowp_matmul(a, b, "bf16")}
-        times = {name: [] for name in cases}
-        for _ in range(args.repeats):  # interleaved
-            for name, fn in cases.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+        times = {name: t.times for name, t in time_calls(cases, args.repeats, warmup=0).items()}  # interleaved
         base = np.median(times["fp32 BLAS"])
         for name, ts in times.items():
             med = float(np.median(ts))
@@ -225,12 +222,7 @@ def run_vits(args) -> None:
         cases = {"tinyvit float32": lambda: m.forward(x, keep_cache=False),
                  "tinyvit int8": lambda: q.forward(x, keep_cache=False),
                  "torch float32": lambda: logits(tf, x), "torch dynamic int8": lambda: logits(tq, x)}
-        times = {k: [] for k in cases}
-        for _ in range(args.repeats):
-            for k, fn in cases.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+        times = {k: t.times for k, t in time_calls(cases, args.repeats, warmup=0).items()}
         row["forward_s"] = {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in times.items()}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
@@ -242,12 +234,7 @@ def run_vits(args) -> None:
     af, bf = a.astype(np.float32), b.astype(np.float32)
     cases = {"float32 BLAS (float model)": lambda: af @ bf, "int8 -> float64 BLAS (tinyvit)": lambda: int_matmul(a, b),
              "int8 -> int32 matmul (NumPy loop)": lambda: a.astype(np.int32) @ b.astype(np.int32)}
-    times = {k: [] for k in cases}
-    for _ in range(args.repeats):
-        for k, fn in cases.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+    times = {k: t.times for k, t in time_calls(cases, args.repeats, warmup=0).items()}
     out["int_matmul_vit_b_fc1"] = {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)}
                                    for k, v in times.items()}
     print(json.dumps(out["int_matmul_vit_b_fc1"]), flush=True)
