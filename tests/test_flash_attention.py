@@ -19,7 +19,7 @@ from tinyvit.layers.flash_attention import (draw_dropout_seed, dropout_keep_mask
                                             flash_attention_backward, flash_attention_forward, flash_core_backward,
                                             flash_core_forward, flash_probabilities)
 from tests.strict_array import StrictArray, strict_xp
-from tests.test_model_twin import compare_with_twin, perturbed_model
+from tests.test_model_twin import compare_with_twin, injected_masks, perturbed_model
 from tests.tolerances import FD_STEP, FD_TOLERANCE, TOLERANCES, assert_close
 
 REL = 1e-12  # the bound for float64 flash vs plain
@@ -161,20 +161,12 @@ def test_whole_flash_model_matches_pytorch(variant):
 
 
 def test_whole_flash_model_in_training_mode_matches_pytorch():
-    from tinyvit.layers.block import BlockMasks
-
     m = perturbed_model(image_size=8, patch_size=4, num_classes=3, dim=8, depth=2, heads=2, mlp_dim=12,
                         dropout=0.2, attn_dropout=0.3, emb_dropout=0.1, drop_path_rate=0.5, attn_impl="flash",
                         attn_block=2)
     rng = np.random.default_rng(3)
-    B, N, D, F, NH = 4, m.config.num_tokens, 8, 12, 2
-    masks = {"emb": rng.random((B, N, D)) > 0.1}
-    for i in range(2):
-        masks[f"blocks.{i}"] = BlockMasks(rng.random((B, NH, N, N)) > 0.3, rng.random((B, N, D)) > 0.2,
-                                          rng.random((B, N, F)) > 0.2, rng.random((B, N, D)) > 0.2,
-                                          np.array([1, 0, 1, 1], bool).reshape(B, 1, 1),
-                                          np.array([0, 1, 1, 1], bool).reshape(B, 1, 1))
-    compare_with_twin(m, rng.standard_normal((B, 3, 8, 8)), masks=masks, train=True)
+    masks = injected_masks(m, rng)
+    compare_with_twin(m, rng.standard_normal((4, 3, 8, 8)), masks=masks, train=True)
 
 
 def test_flash_on_strict_arrays_draws_its_mask_on_the_device():

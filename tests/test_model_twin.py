@@ -87,20 +87,28 @@ def test_model_variants_match_pytorch(variant):
     compare_with_twin(m, x)
 
 
+def injected_masks(m, rng):
+    """Every dropout mask of a batch of 4, drawn on the host so tinyvit and the twin share them:
+    embedding, attention, projection, MLP and output dropout, and drop path (fixed per image)."""
+    c = m.config
+    B, N, D, F, NH = 4, c.num_tokens, c.dim, c.mlp_dim, c.heads
+    masks = {"emb": rng.random((B, N, D)) > 0.1}
+    for i in range(c.depth):
+        masks[f"blocks.{i}"] = BlockMasks(rng.random((B, NH, N, N)) > 0.3, rng.random((B, N, D)) > 0.2,
+                                          rng.random((B, N, F)) > 0.2, rng.random((B, N, D)) > 0.2,
+                                          np.array([1, 0, 1, 1], bool).reshape(B, 1, 1),
+                                          np.array([0, 1, 1, 1], bool).reshape(B, 1, 1))
+    return masks
+
+
 @pytest.mark.parametrize("norm_first", [True, False], ids=["prenorm", "postnorm"])
 def test_training_mode_with_injected_masks_matches_pytorch(norm_first):
     """Dropout, attention dropout, embedding dropout and drop path all on, with one shared draw."""
     m = perturbed_model(image_size=8, patch_size=4, num_classes=3, dim=8, depth=2, heads=2, mlp_dim=12,
                         dropout=0.2, attn_dropout=0.3, emb_dropout=0.1, drop_path_rate=0.5, norm_first=norm_first)
     rng = np.random.default_rng(3)
-    B, N, D, F, NH = 4, m.config.num_tokens, 8, 12, 2
-    masks = {"emb": rng.random((B, N, D)) > 0.1}
-    for i in range(2):
-        masks[f"blocks.{i}"] = BlockMasks(rng.random((B, NH, N, N)) > 0.3, rng.random((B, N, D)) > 0.2,
-                                          rng.random((B, N, F)) > 0.2, rng.random((B, N, D)) > 0.2,
-                                          np.array([1, 0, 1, 1], bool).reshape(B, 1, 1),
-                                          np.array([0, 1, 1, 1], bool).reshape(B, 1, 1))
-    x = rng.standard_normal((B, 3, 8, 8))
+    masks = injected_masks(m, rng)
+    x = rng.standard_normal((4, 3, 8, 8))
     compare_with_twin(m, x, masks=masks, train=True)
 
 
