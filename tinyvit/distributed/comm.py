@@ -26,44 +26,37 @@ _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_S
 _LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
 
 
+def _env_int(names, default: int) -> int:
+    """The first of these environment variables that holds a number (the launchers name it differently)."""
+    for name in names:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return default
+
+
 class DistributedError(RuntimeError):
     """A distributed run cannot start (or continue) as asked; the same message on every rank."""
 
 
 def launched_size() -> int:
     """The number of processes the MPI launcher started (1 when not started by one)."""
-    for name in _SIZE_VARS:
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 1
+    return _env_int(_SIZE_VARS, 1)
 
 
 def launched_rank() -> int:
     """This process's rank as the launcher numbered it (0 when not started by one), before MPI starts."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 0
+    return _env_int(("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK"), 0)
 
 
 def local_rank() -> int:
     """This process's index among the ranks on its machine (picks its GPU)."""
-    for name in _LOCAL_RANK_VARS:
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 0
+    return _env_int(_LOCAL_RANK_VARS, 0)
 
 
 def local_size(default: int = 1) -> int:
     """How many ranks share this machine (MPICH: MPI_LOCALNRANKS; Open MPI: OMPI_COMM_WORLD_LOCAL_SIZE)."""
-    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return default
+    return _env_int(("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"), default)
 
 
 def share_cores(comm) -> int:
